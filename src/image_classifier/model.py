@@ -1,0 +1,209 @@
+"""The classifier: a convolutional stem that turns the image into a token sequence, then a TCN.
+
+How the image becomes a sequence
+    The stem is two stages of 3x3 convolutions with 2x2 max-pooling (32x32 -> 16x16 -> 8x8).
+    Its 8x8 output grid is read in raster order (row by row, left to right) as a sequence of
+    64 tokens of ``tcn_filters`` channels. With no stem (``stem_filters=()``) the sequence is the
+    image itself: ``layout="rows"`` gives 32 steps of 96 values (one pixel row per step),
+    ``layout="raster"`` 1024 steps of 3 values (sequential CIFAR, as in the TCN paper).
+
+The TCN (Bai, Kolter & Koltun 2018)
+    Residual blocks, each two dilated *causal* 1-D convolutions (output ``t`` sees only inputs
+    ``<= t``) with normalization, ReLU and dropout, plus a skip connection (1x1 convolution when
+    the width changes). Dilations double per block, so the receptive field is
+    ``1 + convs_per_block * (kernel_size - 1) * sum(dilations)`` steps; the classifier reads the
+    **last** step, which therefore sees the whole sequence only if the receptive field covers it:
+    :func:`build_model` refuses a configuration where it does not. On the raster-ordered 8x8 grid,
+    dilation 8 links vertically adjacent tokens, so the stack mixes rows as well as columns.
+
+Input standardization (per-channel mean/std of the training set) is the model's first layer,
+so every caller sends float32 RGB in [0, 1]. The model returns logits; the export adds softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from image_classifier.constants import IMAGE_SIZE, INPUT_SHAPE, NUM_CLASSES
+
+if TYPE_CHECKING:
+    import keras
+
+# CIFAR-10 training-set statistics; train.py recomputes them from the data actually used.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines the architecture; saved with every export."""
+
+    stem_filters: tuple[int, ...] = (64, 128)
+    stem_convs_per_stage: int = 2
+    layout: Literal["raster", "rows"] = "raster"
+    tcn_filters: int = 128
+    kernel_size: int = 3
+    dilations: tuple[int, ...] = (1, 2, 4, 8, 16)
+    convs_per_block: int = 2
+    norm: Literal["batch", "layer"] = "batch"
+    dropout: float = 0.1
+    num_classes: int = NUM_CLASSES
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        converted = {
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in values.items()
+        }
+        return cls(**converted)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def sequence_length(config: ModelConfig) -> int:
+    """Number of steps the TCN sees."""
+    if config.stem_filters:
+        side = IMAGE_SIZE // (2 ** len(config.stem_filters))
+        return side * side
+    return IMAGE_SIZE if config.layout == "rows" else IMAGE_SIZE * IMAGE_SIZE
+
+
+def receptive_field(config: ModelConfig) -> int:
+    """How many input steps the last output step depends on."""
+    return 1 + config.convs_per_block * (config.kernel_size - 1) * sum(config.dilations)
+
+
+def validate_config(config: ModelConfig) -> None:
+    if IMAGE_SIZE % (2 ** len(config.stem_filters)) != 0:
+        raise ValueError("too many stem stages for a 32x32 image")
+    if config.kernel_size < 2:
+        raise ValueError("kernel_size must be at least 2")
+    if not config.dilations or any(d < 1 for d in config.dilations):
+        raise ValueError("dilations must be positive integers")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError("dropout must be in [0, 1)")
+    rf, length = receptive_field(config), sequence_length(config)
+    if rf < length:
+        raise ValueError(
+            f"receptive field {rf} is shorter than the sequence ({length} steps): "
+            "the last step would not see the whole image; add dilations"
+        )
+
+
+def build_model(config: ModelConfig | None = None) -> keras.Model:
+    """Build the (uncompiled) Keras model: [0, 1] RGB images in, logits out."""
+    import keras
+    from keras import layers
+
+    config = config or ModelConfig()
+    validate_config(config)
+
+    inputs = keras.Input(shape=INPUT_SHAPE, name="images", dtype="float32")
+    mean = [float(m) for m in config.mean]
+    variance = [float(s) ** 2 for s in config.std]
+    x = layers.Normalization(mean=mean, variance=variance, name="standardize")(inputs)
+
+    if config.stem_filters:
+        x = _stem(x, config)
+        side = IMAGE_SIZE // (2 ** len(config.stem_filters))
+        x = layers.Reshape((side * side, config.stem_filters[-1]), name="to_sequence")(x)
+    elif config.layout == "rows":
+        x = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE * INPUT_SHAPE[2]), name="to_sequence")(x)
+    else:
+        x = layers.Reshape((IMAGE_SIZE * IMAGE_SIZE, INPUT_SHAPE[2]), name="to_sequence")(x)
+
+    x = tcn_stack(x, config)
+    x = layers.Lambda(lambda t: t[:, -1, :], name="last_step")(x)
+    logits = layers.Dense(config.num_classes, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, logits, name="tcn_classifier")
+
+
+def _norm(config: ModelConfig, name: str, *, axis: int = -1) -> keras.layers.Layer:
+    from keras import layers
+
+    if config.norm == "layer":
+        return layers.LayerNormalization(axis=axis, name=name)
+    return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+
+
+def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
+    from keras import layers
+
+    x = layers.Conv2D(
+        config.stem_filters[0] // 2, 3, padding="same", use_bias=False, name="stem_in"
+    )(x)
+    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="stem_in_bn")(x)
+    x = layers.ReLU(name="stem_in_relu")(x)
+    for stage, filters in enumerate(config.stem_filters):
+        for conv in range(config.stem_convs_per_stage):
+            prefix = f"stem{stage}_{conv}"
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{prefix}_conv")(x)
+            if conv == 0:
+                # Pool right after the first conv: the rest of the stage runs at 1/4 the cost.
+                x = layers.MaxPooling2D(2, name=f"{prefix}_pool")(x)
+            x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{prefix}_bn")(x)
+            x = layers.ReLU(name=f"{prefix}_relu")(x)
+    return x
+
+
+def tcn_stack(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
+    """Residual blocks of dilated causal convolutions over ``x`` (batch, steps, channels)."""
+    from keras import layers
+
+    for block, dilation in enumerate(config.dilations):
+        prefix = f"tcn{block}_d{dilation}"
+        residual = x
+        for conv in range(config.convs_per_block):
+            x = layers.Conv1D(
+                config.tcn_filters,
+                config.kernel_size,
+                padding="causal",
+                dilation_rate=dilation,
+                use_bias=False,
+                name=f"{prefix}_conv{conv}",
+            )(x)
+            x = _norm(config, f"{prefix}_norm{conv}")(x)
+            x = layers.ReLU(name=f"{prefix}_relu{conv}")(x)
+            if config.dropout > 0:
+                x = layers.SpatialDropout1D(config.dropout, name=f"{prefix}_drop{conv}")(x)
+        if residual.shape[-1] != config.tcn_filters:
+            residual = layers.Conv1D(config.tcn_filters, 1, name=f"{prefix}_skip")(residual)
+        x = layers.Add(name=f"{prefix}_add")([x, residual])
+    return x
+
+
+def count_flops(model: keras.Model) -> int:
+    """Floating-point operations (2 x multiply-adds) of one forward pass for one image.
+
+    Counts convolutions and dense layers, which are >98% of the work; normalization and
+    activations are left out, as is customary.
+    """
+    from keras import layers
+
+    flops = 0
+    for layer in model.layers:
+        if isinstance(layer, (layers.Conv1D, layers.Conv2D)):
+            kernel = layer.kernel.shape  # (*spatial, in, out)
+            positions = 1
+            for dim in layer.output.shape[1:-1]:
+                positions *= int(dim)
+            macs_per_position = 1
+            for dim in kernel:
+                macs_per_position *= int(dim)
+            flops += 2 * positions * macs_per_position
+        elif isinstance(layer, layers.Dense):
+            flops += 2 * int(layer.kernel.shape[0]) * int(layer.kernel.shape[1])
+    return flops
