@@ -1,0 +1,282 @@
+"""Datasets: CIFAR-10 batches, image-folder trees, the validation split and the tf.data pipeline.
+
+Every dataset is held as uint8 RGB arrays ``(n, 32, 32, 3)`` plus integer labels and class names;
+the float conversion happens in the input pipeline with :func:`preprocess.tf_normalize`, the same
+definition the rest of the system uses. Image folders go through :func:`preprocess_image`, so a
+user's own pictures are decoded, oriented, cropped and resized exactly as the gateway will.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from image_classifier.constants import CIFAR10_CLASSES, IMAGE_SIZE
+from image_classifier.errors import DatasetError, InvalidImageError
+from image_classifier.preprocess import preprocess_image, tf_normalize
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_BATCH = "test_batch"
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+DEFAULT_VALIDATION_SIZE = 5000
+AUGMENT_PADDING = 4
+
+
+@dataclass
+class Dataset:
+    """Images as uint8 ``(n, 32, 32, 3)``, labels as int64 ``(n,)``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise DatasetError(f"images must be (n, 32, 32, 3), got {self.images.shape}")
+        if self.images.dtype != np.uint8:
+            raise DatasetError(f"images must be uint8, got {self.images.dtype}")
+        if len(self.images) != len(self.labels):
+            raise DatasetError("images and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        return Dataset(self.images[indices], self.labels[indices], self.class_names)
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    validation: Dataset
+    test: Dataset | None
+    source: str
+
+
+# --- CIFAR-10 python batches ------------------------------------------------------------------
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+        raise DatasetError(f"{path} is not a CIFAR-10 python batch: {exc}") from None
+    if data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE:
+        raise DatasetError(f"{path}: expected rows of 3072 bytes, got shape {data.shape}")
+    # Rows are planar (1024 R, 1024 G, 1024 B); the model wants NHWC.
+    images = data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
+
+
+def _read_class_names(directory: Path) -> tuple[str, ...]:
+    meta = directory / "batches.meta"
+    if not meta.exists():
+        return CIFAR10_CLASSES
+    try:
+        with meta.open("rb") as handle:
+            names = pickle.load(handle, encoding="bytes")[b"label_names"]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError) as exc:
+        raise DatasetError(f"{meta} is unreadable: {exc}") from None
+    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+def load_cifar10(directory: str | os.PathLike[str]) -> tuple[Dataset, Dataset | None]:
+    """Read a ``cifar-10-batches-py`` directory: the training set and, if present, ``test_batch``."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise DatasetError(f"CIFAR-10 directory not found: {root}")
+    missing = [name for name in CIFAR_TRAIN_BATCHES if not (root / name).exists()]
+    if missing:
+        raise DatasetError(f"{root} lacks CIFAR-10 batches: {', '.join(missing)}")
+    class_names = _read_class_names(root)
+    parts = [_read_batch(root / name) for name in CIFAR_TRAIN_BATCHES]
+    train = Dataset(
+        np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), class_names
+    )
+    test = None
+    if (root / CIFAR_TEST_BATCH).exists():
+        test = Dataset(*_read_batch(root / CIFAR_TEST_BATCH), class_names)
+    for dataset in (train, test):
+        if dataset is not None and dataset.labels.size and dataset.labels.max() >= len(class_names):
+            raise DatasetError(f"{root}: a label is outside the {len(class_names)} class names")
+    return train, test
+
+
+def load_keras_cifar10() -> tuple[Dataset, Dataset]:
+    """Download CIFAR-10 through ``keras.datasets`` (needs internet access)."""
+    import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as exc:  # urllib/HTTP/OS errors vary by platform; all mean the same here
+        raise DatasetError(
+            "could not download CIFAR-10 with keras.datasets (no internet access?); "
+            f"pass --data-dir pointing at a cifar-10-batches-py directory instead ({exc})"
+        ) from None
+    return (
+        Dataset(x_train, y_train.reshape(-1).astype(np.int64), CIFAR10_CLASSES),
+        Dataset(x_test, y_test.reshape(-1).astype(np.int64), CIFAR10_CLASSES),
+    )
+
+
+# --- Image folders ------------------------------------------------------------------------------
+
+
+def load_image_folder(root: str | os.PathLike[str], *, workers: int = 4) -> Dataset:
+    """Read ``root/<class_name>/*.jpg|png|...``; class names are the sorted folder names.
+
+    Files that are not decodable images are skipped with a warning line on stderr (a folder of
+    user pictures often holds a stray thumbnail database or a broken download).
+    """
+    import sys
+
+    base = Path(root)
+    if not base.is_dir():
+        raise DatasetError(f"image folder not found: {base}")
+    class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise DatasetError(f"{base} needs at least two class sub-folders, found {len(class_dirs)}")
+    files: list[tuple[Path, int]] = []
+    for label, class_dir in enumerate(class_dirs):
+        for path in sorted(class_dir.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append((path, label))
+    if not files:
+        raise DatasetError(f"{base} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+
+    def load(item: tuple[Path, int]) -> tuple[np.ndarray | None, int]:
+        path, label = item
+        try:
+            pixels = preprocess_image(path.read_bytes())
+        except (InvalidImageError, OSError) as exc:
+            print(f"skipping {path}: {exc}", file=sys.stderr)
+            return None, label
+        return np.round(pixels * 255.0).astype(np.uint8), label
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        loaded = [(img, label) for img, label in pool.map(load, files) if img is not None]
+    if not loaded:
+        raise DatasetError(f"no readable images under {base}")
+    images = np.stack([img for img, _ in loaded])
+    labels = np.asarray([label for _, label in loaded], dtype=np.int64)
+    return Dataset(images, labels, tuple(p.name for p in class_dirs))
+
+
+# --- Splitting ----------------------------------------------------------------------------------
+
+
+def stratified_split(
+    dataset: Dataset, validation_size: int = DEFAULT_VALIDATION_SIZE, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """Deterministic stratified split: the same (data, size, seed) always gives the same split.
+
+    Each class contributes to the validation set in proportion to its frequency (largest
+    remainders get the leftover slots), so the split's class balance matches the data's.
+    """
+    n = len(dataset)
+    if not 0 < validation_size < n:
+        raise DatasetError(f"validation size must be between 1 and {n - 1}, got {validation_size}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(dataset.labels, return_counts=True)
+    exact = counts * validation_size / n
+    quota = np.floor(exact).astype(int)
+    leftover = validation_size - quota.sum()
+    quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
+    val_indices = []
+    for cls, take in zip(classes, quota, strict=True):
+        members = np.flatnonzero(dataset.labels == cls)
+        val_indices.append(rng.permutation(members)[:take])
+    val = np.sort(np.concatenate(val_indices))
+    mask = np.ones(n, dtype=bool)
+    mask[val] = False
+    return dataset.subset(np.flatnonzero(mask)), dataset.subset(val)
+
+
+def load_splits(
+    data_dir: str | os.PathLike[str] | None,
+    *,
+    validation_size: int = DEFAULT_VALIDATION_SIZE,
+    seed: int = 0,
+) -> DataSplits:
+    """The training/validation/test data for a ``--data-dir`` (CIFAR batches or image folder).
+
+    Without ``data_dir`` CIFAR-10 is downloaded through ``keras.datasets``.
+    """
+    if data_dir is None:
+        full, test = load_keras_cifar10()
+        source = "CIFAR-10 (keras.datasets download)"
+    elif (Path(data_dir) / CIFAR_TRAIN_BATCHES[0]).exists():
+        full, test = load_cifar10(data_dir)
+        source = f"CIFAR-10 python batches ({Path(data_dir).name})"
+    else:
+        full, test = load_image_folder(data_dir), None
+        source = f"image folder ({Path(data_dir).name})"
+    train, validation = stratified_split(full, validation_size, seed)
+    return DataSplits(train, validation, test, source)
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images, on the [0, 1] scale."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return tuple(pixels.mean(axis=0).tolist()), tuple(pixels.std(axis=0).tolist())
+
+
+# --- tf.data input pipeline ---------------------------------------------------------------------
+
+
+def augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """CIFAR augmentation: random 32x32 crop of the 4-pixel reflect-padded image, random flip."""
+    import tensorflow as tf
+
+    pad = AUGMENT_PADDING
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    cropped = tf.image.stateless_random_crop(padded, tf.shape(image), seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(cropped, seed=flip_seed)
+
+
+def make_tf_dataset(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Batched (float32 [0, 1] images, int labels); shuffled and augmented only when training.
+
+    Augmentation runs on uint8 (4x less memory traffic than floats) in parallel map calls, and
+    the pipeline prefetches so the two CPU cores never wait on input between steps.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((dataset.images, dataset.labels))
+    if training:
+        ds = ds.shuffle(len(dataset), seed=seed, reshuffle_each_iteration=True)
+        seeds = tf.data.Dataset.random(seed=seed).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda pair, s: (augment(pair[0], s), pair[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.map(lambda x, y: (tf_normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def class_counts(labels: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)

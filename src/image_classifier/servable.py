@@ -1,0 +1,109 @@
+"""Load an exported version from disk and call it the way TensorFlow Serving does.
+
+Evaluation, the embedded model server and the gateway's ``local`` backend all go through this:
+the SavedModel's signatures are called, never the in-memory Keras object, so what is measured
+and served is the artefact that ships.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from image_classifier.constants import (
+    CLASS_NAMES_ASSET,
+    INPUT_KEY,
+    METADATA_FILE,
+    OUTPUT_KEY,
+    SERVING_BYTES,
+    SERVING_DEFAULT,
+)
+from image_classifier.errors import ModelNotFoundError
+from image_classifier.export import list_versions
+
+
+@dataclass
+class Servable:
+    """One loaded model version."""
+
+    path: Path
+    version: int
+    loaded: Any  # the object tf.saved_model.load returned
+    class_names: tuple[str, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def signatures(self) -> Any:
+        return self.loaded.signatures
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """float32 ``(n, 32, 32, 3)`` in [0, 1] -> probabilities ``(n, num_classes)``."""
+        import tensorflow as tf
+
+        batch = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
+        return self.signatures[SERVING_DEFAULT](**{INPUT_KEY: batch})[OUTPUT_KEY].numpy()
+
+    def predict_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
+        """Encoded images through the in-graph decoder signature."""
+        import tensorflow as tf
+
+        from image_classifier.constants import BYTES_INPUT_KEY
+
+        batch = tf.constant(list(encoded), dtype=tf.string)
+        return self.signatures[SERVING_BYTES](**{BYTES_INPUT_KEY: batch})[OUTPUT_KEY].numpy()
+
+
+def resolve_version_dir(path: str | os.PathLike[str], version: int | None = None) -> Path:
+    """Accept a model base path (highest or given version) or a version directory itself."""
+    root = Path(path)
+    if (root / "saved_model.pb").exists():
+        if version is not None and root.name != str(version):
+            raise ModelNotFoundError(f"{root} is version {root.name}, not {version}")
+        return root
+    versions = list_versions(root)
+    if not versions:
+        raise ModelNotFoundError(
+            f"no model version under {root} (expected {root}/<integer>/saved_model.pb)"
+        )
+    chosen = versions[-1] if version is None else version
+    if chosen not in versions:
+        raise ModelNotFoundError(f"version {chosen} not found under {root} (have {versions})")
+    return root / str(chosen)
+
+
+def read_class_names(version_dir: Path) -> tuple[str, ...]:
+    names_file = version_dir / "assets" / CLASS_NAMES_ASSET
+    if not names_file.exists():
+        raise ModelNotFoundError(f"{names_file} is missing: not an export of this project")
+    return tuple(line for line in names_file.read_text(encoding="utf-8").splitlines() if line)
+
+
+def read_metadata(version_dir: Path) -> dict[str, Any]:
+    card = version_dir / METADATA_FILE
+    if not card.exists():
+        return {}
+    return json.loads(card.read_text(encoding="utf-8"))
+
+
+def load_servable(path: str | os.PathLike[str], version: int | None = None) -> Servable:
+    """Load ``path`` (a base path or a version directory) with ``tf.saved_model.load``."""
+    import tensorflow as tf
+
+    version_dir = resolve_version_dir(path, version)
+    try:
+        loaded = tf.saved_model.load(str(version_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{version_dir} is not a loadable SavedModel: {exc}") from None
+    return Servable(
+        path=version_dir,
+        version=int(version_dir.name) if version_dir.name.isdigit() else 0,
+        loaded=loaded,
+        class_names=read_class_names(version_dir),
+        metadata=read_metadata(version_dir),
+    )
