@@ -53,9 +53,13 @@ MAX_ASPECT_RATIO: Final = 20.0  # beyond this a 32x32 center crop shows a sliver
 ALPHA_BACKGROUND: Final = (255, 255, 255)
 PIXEL_SCALE: Final = 1.0 / 255.0
 SUPPORTED_FORMATS: Final = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+# The openers to try: MPO (multi-picture JPEG) has none of its own in Pillow, the JPEG opener
+# returns it, and naming it in ``Image.open(formats=...)`` raises KeyError for non-JPEG input.
+_OPEN_FORMATS: Final = tuple(f for f in SUPPORTED_FORMATS if f != "MPO")
 
-# Pillow warns (and at 2x raises) on its own bomb threshold; we check our own limit first and
-# turn Pillow's into our error, so its global is left alone.
+# Pillow warns (and at 2x raises) on its own bomb threshold. Its warning is silenced (our own
+# ``max_pixels`` check runs right after the header is read, before any pixel is decoded) and its
+# error is turned into ours, so its global is left alone.
 _DRAFT_SIZE: Final = (IMAGE_SIZE * 2, IMAGE_SIZE * 2)
 
 
@@ -68,16 +72,14 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise EmptyImageError("the image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
     except UnidentifiedImageError:
         raise NotAnImageError(
             "the data is not a supported image (JPEG, PNG, WebP, BMP, GIF or TIFF)"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLargeError(
-            f"the image has too many pixels (limit {max_pixels:,})"
-        ) from None
+        raise ImageTooLargeError(f"the image has too many pixels (limit {max_pixels:,})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise NotAnImageError(f"the image header cannot be read: {exc}") from None
 
@@ -117,27 +119,39 @@ def _check_dimensions(size: tuple[int, int], max_pixels: int) -> None:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:
         return image
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit grayscale: Pillow's own conversion clips at 255 instead of scaling.
+    if mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):
+        # 16-bit grayscale: Pillow's own conversion clips at 255 instead of scaling. The scale is
+        # fixed by the bit depth, never guessed from the pixels (a dark 16-bit picture whose
+        # values are all <= 255 is nearly black, not an 8-bit picture).
+        return _gray_to_rgb(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0))
+    if mode == "I":
+        # 32-bit integer (TIFF): no bit depth to go by; 16-bit range if it exceeds 8 bits.
         pixels = np.asarray(image, dtype=np.float64)
         scale = 255.0 / 65535.0 if pixels.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), mode="L")
-        return image.convert("RGB")
+        return _gray_to_rgb(pixels * scale)
     if mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
         scale = 255.0 if pixels.max(initial=0) <= 1.0 else 1.0
-        image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), mode="L")
-        return image.convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in image.info
-    ) or (mode in ("L", "RGB") and "transparency" in image.info)
+        return _gray_to_rgb(pixels * scale)
+    has_alpha = (
+        mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        or (mode == "P" and "transparency" in image.info)
+        or (mode in ("L", "RGB") and "transparency" in image.info)
+    )
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _gray_to_rgb(pixels: np.ndarray) -> Image.Image:
+    """Gray levels already scaled to [0, 255] (float) -> RGB, rounded rather than truncated."""
+    pixels = np.nan_to_num(pixels, nan=0.0, posinf=255.0, neginf=0.0)
+    gray = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")  # 2-D uint8 -> mode "L"
 
 
 def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -151,7 +165,10 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
 def resize_to_input(image: Image.Image) -> np.ndarray:
     """Center-crop an RGB image, resize it to 32x32 with antialiasing, and normalize to [0, 1]."""
     box = center_crop_box(*image.size)
-    small = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR, box=box)
+    # Crop first: ``resize(box=...)`` lets the filter reach pixels outside the box, so the edges
+    # of the crop would be blended with the trimmed margins (and differ from the in-graph mirror).
+    square = image.crop(box) if box != (0, 0, *image.size) else image
+    small = square.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
     return normalize(np.asarray(small, dtype=np.uint8))
 
 

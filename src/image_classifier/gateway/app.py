@@ -1,0 +1,92 @@
+"""``create_app(settings)``: the gateway's FastAPI application, and nothing created at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from image_classifier import __version__
+from image_classifier.gateway.backends import Backend, create_backend
+from image_classifier.gateway.context import REQUEST_ID_HEADER
+from image_classifier.gateway.errors import install_error_handlers
+from image_classifier.gateway.metrics import GatewayMetrics
+from image_classifier.gateway.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from image_classifier.gateway.pipeline import Pipeline
+from image_classifier.gateway.routes import classes, health, metrics, model, predict, web
+from image_classifier.gateway.settings import GatewaySettings
+
+logger = logging.getLogger("image_classifier.gateway")
+
+DESCRIPTION = """
+Classifies pictures into the ten CIFAR-10 classes with the project's TCN.
+
+* Upload a file to **POST /predict-image** (multipart field `file`), several to
+  **POST /predict-images** (field `files`), or base64 in JSON to **POST /predict**.
+* Every error has the body `{"error": {"code", "message", "request_id"}}`.
+* Every response carries `X-Request-ID` (yours if you sent one).
+* When an API key is configured, send it as `X-API-Key` (or `Authorization: Bearer`) to the
+  prediction and model routes; health, readiness, metrics and the web page stay open.
+"""
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    backend: Backend | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """Build the app. ``backend`` replaces the configured one (tests); ``transport`` is handed
+    to the tfserving backend's httpx client (tests use ``httpx.MockTransport``)."""
+    app_metrics = GatewayMetrics()
+    model_backend = backend or create_backend(settings, app_metrics, transport=transport)
+    if model_backend.observer is None:
+        model_backend.observer = app_metrics
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await model_backend.start()
+        logger.info(
+            "gateway ready to serve model %r with the %s backend%s",
+            settings.model_name,
+            model_backend.kind,
+            f" at {settings.tf_serving_url}" if model_backend.kind == "tfserving" else "",
+        )
+        try:
+            yield
+        finally:
+            await model_backend.close()
+
+    app = FastAPI(
+        title="image_classifier gateway",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.backend = model_backend
+    app.state.metrics = app_metrics
+    app.state.pipeline = Pipeline(settings, model_backend, app_metrics)
+
+    install_error_handlers(app)
+    for module in (predict, classes, model, health, metrics, web):
+        app.include_router(module.router)
+
+    # Added innermost first: the request context wraps everything, so even a 413 from the body
+    # limit or a CORS preflight gets a request id, a log line and a metrics sample.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key", "Authorization", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER],
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=app_metrics)
+    return app

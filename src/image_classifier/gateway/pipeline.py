@@ -1,0 +1,137 @@
+"""One picture's way through the gateway: bytes -> preprocess -> backend -> top-k labels.
+
+Preprocessing is :func:`image_classifier.preprocess.preprocess_image`, the project's single
+definition of it; it runs in worker threads (Pillow decoding is CPU work that would otherwise
+stall every other request on the event loop), at most a few at a time, so a burst of 12 MP
+uploads cannot hold dozens of decoded photos in memory at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import anyio
+import numpy as np
+
+from image_classifier.errors import ImageClassifierError, InvalidImageError
+from image_classifier.gateway.backends import Backend
+from image_classifier.gateway.errors import UnsupportedMediaTypeError, error_info
+from image_classifier.gateway.metrics import GatewayMetrics
+from image_classifier.gateway.schemas import ClassPrediction, ImageResult
+from image_classifier.gateway.settings import GatewaySettings
+from image_classifier.preprocess import preprocess_image
+
+# Declared part types that may hold an image. Browsers and curl label files by extension and use
+# application/octet-stream when they do not know, so that is let through to the decoder.
+_PASS_THROUGH_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+
+
+def check_declared_type(content_type: str | None, filename: str | None) -> None:
+    """415 for a file part that says it is not an image (e.g. text/plain)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media.startswith("image/") or media in _PASS_THROUGH_TYPES:
+        return
+    name = f" {filename!r}" if filename else ""
+    raise UnsupportedMediaTypeError(
+        f"the file{name} was sent as {media}; send an image (image/jpeg, image/png, ...)"
+    )
+
+
+@dataclass
+class Upload:
+    """One image as received: its bytes, or the reason it was refused before decoding."""
+
+    filename: str | None
+    data: bytes | None = None
+    error: ImageClassifierError | None = None
+
+
+@dataclass
+class Classified:
+    filename: str | None
+    predictions: list[ClassPrediction] | None = None
+    error: ImageClassifierError | None = None
+
+    def to_result(self) -> ImageResult:
+        return ImageResult(
+            filename=self.filename,
+            predictions=self.predictions,
+            error=error_info(self.error) if self.error is not None else None,
+        )
+
+
+@dataclass
+class BatchOutcome:
+    items: list[Classified]
+    model_version: str | None
+
+
+def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[ClassPrediction]:
+    # Stable sort on the negated scores: ties keep class order, so answers are reproducible.
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [
+        ClassPrediction(
+            label=class_names[i], class_index=int(i), probability=float(probabilities[i])
+        )
+        for i in order
+    ]
+
+
+class Pipeline:
+    def __init__(self, settings: GatewaySettings, backend: Backend, metrics: GatewayMetrics):
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        # Created on first use, inside the running event loop.
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        return self._limiter
+
+    async def preprocess(self, data: bytes) -> np.ndarray:
+        self.metrics.upload_bytes.observe(len(data))
+        return await anyio.to_thread.run_sync(
+            partial(preprocess_image, data, max_pixels=self.settings.max_image_pixels),
+            limiter=self.limiter,
+        )
+
+    async def classify(self, uploads: Sequence[Upload], k: int) -> BatchOutcome:
+        """Classify every valid upload in one backend call; invalid ones keep their error.
+
+        Invalid image content stays per image; backend failures raise (they concern them all).
+        """
+        items = [Classified(u.filename, error=u.error) for u in uploads]
+        arrays: dict[int, np.ndarray] = {}
+
+        async def prepare(index: int, data: bytes) -> None:
+            try:
+                arrays[index] = await self.preprocess(data)
+            except InvalidImageError as exc:
+                items[index].error = exc
+
+        async with anyio.create_task_group() as group:
+            for index, upload in enumerate(uploads):
+                if upload.error is None and upload.data is not None:
+                    group.start_soon(prepare, index, upload.data)
+
+        for item in items:
+            if item.error is not None:
+                self.metrics.images_rejected.labels(item.error.code).inc()
+        if not arrays:
+            return BatchOutcome(items, None)
+
+        indices = sorted(arrays)
+        batch = np.stack([arrays[i] for i in indices])
+        prediction = await self.backend.predict(batch)
+        names = self.backend.class_names(prediction.model_version)
+        for row, index in enumerate(indices):
+            predictions = top_k(prediction.probabilities[row], names, k)
+            items[index].predictions = predictions
+            self.metrics.images_classified.labels(predictions[0].label).inc()
+        return BatchOutcome(items, prediction.model_version)

@@ -1,0 +1,67 @@
+"""The model server's settings: one frozen dataclass, filled from tensorflow_model_server's flags.
+
+Plain dataclass rather than pydantic-settings: the ``[serve]`` extra does not ship
+pydantic-settings, and every value arrives through the command line (as with TF Serving).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from image_classifier.constants import DEFAULT_MODEL_BASE_PATH, MODEL_NAME
+
+DEFAULT_REST_API_PORT: Final = 8501
+DEFAULT_HOST: Final = "127.0.0.1"
+# TF Serving's default: a new version is noticed within about a second of its rename into place.
+DEFAULT_POLL_WAIT_SECONDS: Final = 1.0
+# A 32x32x3 image is ~30-60 KB of JSON floats, so 64 MiB is ~1000 images: larger is a mistake
+# or an attack, and JSON parsing needs several times the body size in memory.
+DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_MAX_BATCH_SIZE: Final = 1024
+# TF Serving's loader defaults: retry a failing version 5 times, a minute apart.
+DEFAULT_MAX_NUM_LOAD_RETRIES: Final = 5
+DEFAULT_LOAD_RETRY_INTERVAL_SECONDS: Final = 60.0
+
+
+def _default_num_threads() -> int:
+    # TF Serving's --rest_api_num_threads default is 4 x CPUs; requests beyond this wait their turn
+    # instead of all parsing 64 MiB bodies at once.
+    return 4 * (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ModelServerSettings:
+    """Everything :func:`create_app` and :func:`run_model_server` need."""
+
+    model_name: str = MODEL_NAME
+    model_base_path: Path = field(default_factory=lambda: Path(DEFAULT_MODEL_BASE_PATH))
+    host: str = DEFAULT_HOST
+    rest_api_port: int = DEFAULT_REST_API_PORT
+    # > 0: poll the base path this often; 0: look once at startup only (TF Serving's meaning).
+    file_system_poll_wait_seconds: float = DEFAULT_POLL_WAIT_SECONDS
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    rest_api_num_threads: int = field(default_factory=_default_num_threads)
+    max_num_load_retries: int = DEFAULT_MAX_NUM_LOAD_RETRIES
+    load_retry_interval_seconds: float = DEFAULT_LOAD_RETRY_INTERVAL_SECONDS
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_base_path", Path(self.model_base_path))
+        problems = []
+        if not self.model_name or "/" in self.model_name or ":" in self.model_name:
+            problems.append(f"model_name {self.model_name!r} must be non-empty, without '/' or ':'")
+        if not 0 <= self.rest_api_port <= 65535:
+            problems.append(f"rest_api_port {self.rest_api_port} is not a TCP port")
+        if self.file_system_poll_wait_seconds < 0:
+            problems.append("file_system_poll_wait_seconds must be >= 0")
+        for name in ("max_request_bytes", "max_batch_size", "rest_api_num_threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.max_num_load_retries < 0 or self.load_retry_interval_seconds < 0:
+            problems.append("max_num_load_retries and load_retry_interval_seconds must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))

@@ -1,0 +1,149 @@
+"""data: CIFAR python batches, image folders, the stratified split and the tf.data pipeline."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic import synthetic_images, write_cifar_batches, write_image_folder
+
+from image_classifier.constants import CIFAR10_CLASSES
+from image_classifier.data import (
+    Dataset,
+    channel_stats,
+    load_cifar10,
+    load_image_folder,
+    load_splits,
+    stratified_split,
+)
+from image_classifier.errors import DatasetError
+from image_classifier.preprocess import preprocess_image
+
+
+def test_cifar_batches_are_read_as_nhwc(tmp_path: Path) -> None:
+    root = write_cifar_batches(tmp_path / "cifar", per_batch=20)
+    train, test = load_cifar10(root)
+    assert test is None
+    assert train.images.shape == (100, 32, 32, 3)
+    assert train.images.dtype == np.uint8
+    assert train.class_names == CIFAR10_CLASSES
+    # The planar rows were transposed back to exactly the images that were written.
+    with (root / "data_batch_1").open("rb") as handle:
+        batch = pickle.load(handle, encoding="bytes")
+    expected = synthetic_images(np.asarray(batch[b"labels"]), seed=0)
+    np.testing.assert_array_equal(train.images[:20], expected)
+    np.testing.assert_array_equal(train.labels[:20], batch[b"labels"])
+
+
+def test_test_batch_is_optional_and_read_when_present(tmp_path: Path) -> None:
+    _, test = load_cifar10(write_cifar_batches(tmp_path / "c", per_batch=10, with_test=True))
+    assert test is not None and len(test) == 10
+
+
+def test_missing_batches_are_reported(tmp_path: Path) -> None:
+    root = write_cifar_batches(tmp_path / "c", per_batch=5)
+    (root / "data_batch_3").unlink()
+    with pytest.raises(DatasetError, match="data_batch_3"):
+        load_cifar10(root)
+
+
+def test_corrupt_batch_is_a_dataset_error(tmp_path: Path) -> None:
+    root = write_cifar_batches(tmp_path / "c", per_batch=5)
+    (root / "data_batch_2").write_bytes(b"not a pickle")
+    with pytest.raises(DatasetError, match="data_batch_2"):
+        load_cifar10(root)
+
+
+def test_image_folder_goes_through_preprocess(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "pics", ("cats", "dogs", "owls"), per_class=3)
+    (root / "dogs" / "notes.txt").write_text("ignored: not an image suffix")
+    (root / "owls" / "broken.jpg").write_bytes(b"\xff\xd8\xff broken")
+    dataset = load_image_folder(root)
+    assert dataset.class_names == ("cats", "dogs", "owls")
+    assert len(dataset) == 9  # the broken file is skipped, the text file ignored
+    assert np.bincount(dataset.labels).tolist() == [3, 3, 3]
+    first = sorted((root / "cats").iterdir())[0]
+    expected = np.round(preprocess_image(first.read_bytes()) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(dataset.images[0], expected)
+
+
+def test_image_folder_needs_two_classes(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "one", ("only",), per_class=2)
+    with pytest.raises(DatasetError, match="two class"):
+        load_image_folder(tmp_path / "one")
+
+
+def _dataset(n_per_class: tuple[int, ...]) -> Dataset:
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(n_per_class)]).astype(np.int64)
+    images = np.zeros((len(labels), 32, 32, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(len(labels)) % 256
+    images[:, 0, 0, 1] = np.arange(len(labels)) // 256
+    names = tuple(f"c{i}" for i in range(len(n_per_class)))
+    return Dataset(images, labels, names)
+
+
+def _ids(dataset: Dataset) -> set[int]:
+    pixels = dataset.images[:, 0, 0, :2].astype(np.int64)
+    return set((pixels[:, 0] + 256 * pixels[:, 1]).tolist())
+
+
+def test_split_is_stratified_disjoint_and_complete() -> None:
+    data = _dataset((500, 300, 200))
+    train, val = stratified_split(data, validation_size=100, seed=3)
+    assert len(val) == 100 and len(train) == 900
+    assert np.bincount(val.labels).tolist() == [50, 30, 20]
+    assert _ids(train).isdisjoint(_ids(val))
+    assert _ids(train) | _ids(val) == set(range(1000))
+
+
+def test_split_is_deterministic_per_seed() -> None:
+    data = _dataset((100, 100))
+    a = stratified_split(data, 20, seed=1)[1]
+    b = stratified_split(data, 20, seed=1)[1]
+    c = stratified_split(data, 20, seed=2)[1]
+    assert _ids(a) == _ids(b)
+    assert _ids(a) != _ids(c)
+
+
+def test_split_rejects_impossible_sizes() -> None:
+    with pytest.raises(DatasetError):
+        stratified_split(_dataset((5, 5)), validation_size=10)
+
+
+def test_load_splits_uses_test_batch_and_records_source(tmp_path: Path) -> None:
+    root = write_cifar_batches(tmp_path / "c", per_batch=20, with_test=True)
+    splits = load_splits(root, validation_size=10)
+    assert len(splits.train) == 90 and len(splits.validation) == 10
+    assert splits.test is not None and "CIFAR-10" in splits.source
+
+
+def test_channel_stats_on_the_unit_scale() -> None:
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    images[..., 0] = 255
+    mean, std = channel_stats(images)
+    assert mean == pytest.approx((1.0, 0.0, 0.0))
+    assert std == pytest.approx((0.0, 0.0, 0.0))
+
+
+def test_tf_pipeline_augments_only_in_training() -> None:
+    tf = pytest.importorskip("tensorflow", reason="the input pipeline is TensorFlow")
+    from image_classifier.data import make_tf_dataset
+
+    data = _dataset((40, 40))
+    data.images[:] = synthetic_images(data.labels)
+    evaluation = next(iter(make_tf_dataset(data, batch_size=80, training=False)))
+    images, labels = evaluation[0].numpy(), evaluation[1].numpy()
+    assert images.dtype == np.float32 and images.min() >= 0.0 and images.max() <= 1.0
+    np.testing.assert_allclose(images, data.images / 255.0, atol=1e-6)  # untouched, in order
+    np.testing.assert_array_equal(labels, data.labels)
+
+    def epoch(seed: int) -> np.ndarray:
+        batches = make_tf_dataset(data, batch_size=80, training=True, seed=seed)
+        return next(iter(batches))[0].numpy()
+
+    first, again = epoch(0), epoch(0)
+    np.testing.assert_array_equal(first, again)  # the seed makes augmentation reproducible
+    assert not np.allclose(first, images)  # shuffled and augmented
+    assert tf.reduce_all(tf.shape(first) == (80, 32, 32, 3))

