@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command: installs everything it needs on a fresh machine, then lints and tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh dev
+
+# The web-page test drives Debian's headless Chromium (Playwright's own browser download is not
+# used: only package registries are reachable).
+if [ ! -x /usr/bin/chromium ]; then
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && \
+    $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+    >/dev/null || echo "warning: could not install chromium; the browser test will fail" >&2
+fi
+
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/python -m pytest "$@"
