@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -60,3 +64,251 @@ def image_bytes() -> Callable[..., bytes]:
         return _encode(Image.new(mode, size, color), fmt, **save_kwargs)
 
     return make
+
+
+# --- Gateway fixtures (tests/test_gateway*.py) ---------------------------------------------------
+# One tiny export per session, the loaded servable for expected answers, sample pictures in the
+# formats users send, and a gateway served over real HTTP (for the browser and the CLI client).
+
+
+def _gateway_free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def gateway_free_port() -> Callable[[], int]:
+    """``gateway_free_port() -> int``: a TCP port on 127.0.0.1 that was free a moment ago."""
+    return _gateway_free_port
+
+
+@pytest.fixture(scope="session")
+def gateway_model_base_path(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Base path of a tiny untrained export (version 1), built once per session."""
+    from image_classifier.constants import CIFAR10_CLASSES
+    from image_classifier.export import export_model
+    from image_classifier.model import ModelConfig, build_model
+
+    base = tmp_path_factory.mktemp("gateway_model") / "image_classifier"
+    config = ModelConfig(stem_filters=(8, 16), tcn_filters=16)
+    export_model(build_model(config), config, base, class_names=CIFAR10_CLASSES, metadata={})
+    return base
+
+
+@pytest.fixture(scope="session")
+def gateway_servable(gateway_model_base_path: Any) -> Any:
+    """The tiny export loaded in-process: the reference every served answer must match."""
+    from image_classifier.servable import load_servable
+
+    return load_servable(gateway_model_base_path)
+
+
+@pytest.fixture(scope="session")
+def gateway_expected(gateway_servable: Any) -> Callable[[bytes], Any]:
+    """``gateway_expected(image_bytes) -> probabilities``: serving_default on preprocess_image."""
+    from image_classifier.preprocess import preprocess_image
+
+    def expected(data: bytes) -> Any:
+        return gateway_servable.predict(preprocess_image(data)[None])[0]
+
+    return expected
+
+
+@pytest.fixture(scope="session")
+def gateway_pictures() -> dict[str, tuple[str, bytes, str]]:
+    """name -> (filename, bytes, content type): JPEG, PNG, WebP, grayscale, RGBA, a 4000x3000
+    photo-like JPEG, and a drawn scene (sky, sea, boat) standing in for a real photo."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(7)
+    small = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    rgb = Image.fromarray(small)
+    gray = Image.fromarray(rng.integers(0, 256, size=(40, 40), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 256, size=(36, 36, 4), dtype=np.uint8))
+
+    # A smooth "photo" with texture, so the JPEG is megabytes like a camera's, not kilobytes.
+    yy, xx = np.mgrid[0:3000, 0:4000].astype(np.float32)
+    big = np.stack(
+        [
+            127 + 100 * np.sin(xx / 300.0),
+            127 + 100 * np.cos(yy / 250.0),
+            (xx + yy) / 7000.0 * 255,
+        ],
+        axis=-1,
+    )
+    big += rng.normal(0, 12, size=(3000, 4000, 1)).astype(np.float32)
+    photo = Image.fromarray(np.clip(big, 0, 255).astype(np.uint8))
+
+    scene = Image.new("RGB", (320, 240), (135, 190, 235))
+    draw = ImageDraw.Draw(scene)
+    draw.rectangle((0, 150, 320, 240), fill=(30, 80, 140))
+    draw.polygon([(70, 150), (250, 150), (220, 185), (100, 185)], fill=(120, 60, 40))
+    draw.rectangle((150, 70, 158, 150), fill=(90, 90, 90))
+    draw.polygon([(160, 75), (160, 140), (225, 140)], fill=(245, 245, 245))
+
+    return {
+        "jpeg": ("photo.jpg", _encode(rgb, "JPEG", quality=90), "image/jpeg"),
+        "png": ("image.png", _encode(rgb, "PNG"), "image/png"),
+        "webp": ("image.webp", _encode(rgb, "WEBP", quality=90), "image/webp"),
+        "gray": ("gray.png", _encode(gray, "PNG"), "image/png"),
+        "rgba": ("alpha.png", _encode(rgba, "PNG"), "image/png"),
+        "large": ("large.jpg", _encode(photo, "JPEG", quality=85), "image/jpeg"),
+        "scene": ("boat.jpg", _encode(scene, "JPEG", quality=92), "image/jpeg"),
+    }
+
+
+@pytest.fixture(scope="session")
+def gateway_live_url(gateway_model_base_path: Any, gateway_servable: Any) -> Any:
+    """Base URL of a gateway (local backend, tiny export) served by uvicorn in a thread."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from image_classifier.gateway import GatewaySettings, create_app
+    from image_classifier.gateway.backends import LocalBackend
+
+    settings = GatewaySettings(backend="local", model_base_path=gateway_model_base_path)
+    backend = LocalBackend(settings, loader=lambda _path: gateway_servable)
+    port = _gateway_free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, backend=backend),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+        )
+    )
+    thread = threading.Thread(target=server.run, name="gateway-live", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the live gateway did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=15)
+
+
+# --- Model server fixtures (tests/test_model_server.py) ------------------------------------------
+# Tiny exports on demand, and the embedded model server started as a real subprocess, the way
+# `image-classifier model-server` runs, so tests talk to it over HTTP exactly as TF Serving
+# clients do.
+
+
+@pytest.fixture(scope="session")
+def tiny_export() -> Callable[..., Any]:
+    """``tiny_export(base, *, seed=0, version=None) -> Path``: export an untrained tiny model.
+
+    ModelConfig(stem_filters=(8, 16), tcn_filters=16), weights drawn from ``seed`` (so two
+    seeds give two models with different answers), written to ``base/<version>`` (next free by
+    default) with :func:`export.export_model`. Returns the version directory.
+    """
+
+    def export(base: Any, *, seed: int = 0, version: int | None = None) -> Any:
+        import keras
+
+        from image_classifier.constants import CIFAR10_CLASSES
+        from image_classifier.export import export_model
+        from image_classifier.model import ModelConfig, build_model
+
+        keras.utils.set_random_seed(seed)
+        config = ModelConfig(stem_filters=(8, 16), tcn_filters=16)
+        return export_model(
+            build_model(config),
+            config,
+            base,
+            class_names=CIFAR10_CLASSES,
+            metadata={"note": "tiny untrained test export", "seed": seed},
+            version=version,
+        )
+
+    return export
+
+
+@dataclasses.dataclass
+class RunningModelServer:
+    """A ``python -m image_classifier.model_server`` subprocess listening on 127.0.0.1."""
+
+    url: str  # http://127.0.0.1:PORT
+    port: int
+    base_path: Any
+    process: subprocess.Popen[bytes]
+    log_path: Any
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: uvicorn's graceful shutdown
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def start_model_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., RunningModelServer]]:
+    """``start_model_server(base, *flags, timeout=180.0) -> RunningModelServer``.
+
+    Starts the model server on a free port with ``--file_system_poll_wait_seconds 1`` plus
+    ``flags``, and returns once ``GET /v1/models/image_classifier`` reports a version AVAILABLE
+    (failing with the server's log if it exits or times out first). Servers still running at
+    the end of the session are stopped.
+    """
+    import socket
+    import time
+
+    import httpx
+
+    from image_classifier.constants import MODEL_NAME
+
+    started: list[RunningModelServer] = []
+
+    def start(base: Any, *flags: str, timeout: float = 180.0) -> RunningModelServer:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        log_path = tmp_path_factory.mktemp("model_server_log") / "server.log"
+        command = [
+            sys.executable, "-m", "image_classifier.model_server",
+            "--rest_api_port", str(port),
+            "--model_name", MODEL_NAME,
+            "--model_base_path", str(base),
+            "--file_system_poll_wait_seconds", "1",
+            *flags,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        server = RunningModelServer(f"http://127.0.0.1:{port}", port, base, process, log_path)
+        started.append(server)
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"model server exited with {process.returncode}:\n{server.log()}")
+            try:
+                body = httpx.get(f"{server.url}/v1/models/{MODEL_NAME}", timeout=5).json()
+                states = [s.get("state") for s in body.get("model_version_status", [])]
+                if "AVAILABLE" in states:
+                    return server
+            except (httpx.HTTPError, ValueError):
+                pass  # not listening yet (it loads the model before opening the port)
+            if time.monotonic() > deadline:
+                server.stop()
+                pytest.fail(f"model server not AVAILABLE after {timeout:.0f} s:\n{server.log()}")
+            time.sleep(0.25)
+
+    yield start
+    for server in started:
+        server.stop()

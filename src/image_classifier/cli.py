@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from image_classifier import model_server
 from image_classifier.constants import DEFAULT_MODEL_BASE_PATH, MODEL_NAME
 from image_classifier.errors import ImageClassifierError
 
@@ -142,6 +143,34 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serving -----------------------------------------------------------------------------------
+
+
+def _add_make_request(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "make-request",
+        help="turn a picture into a TF Serving predict request body (test_data.json)",
+        description="Preprocess IMAGE with the shared preprocess function (32x32 RGB, [0, 1]) "
+        "and write {\"instances\": [...]} for: curl -X POST "
+        "http://localhost:8501/v1/models/image_classifier:predict -d @test_data.json",
+    )
+    p.add_argument("image", type=Path)
+    p.add_argument("-o", "--output", type=Path, default=Path("test_data.json"))
+    p.set_defaults(func=_run_make_request)
+
+
+def _run_make_request(args: argparse.Namespace) -> int:
+    from image_classifier.client import write_request_json
+
+    try:
+        written = write_request_json(args.image, args.output)
+    except OSError as exc:
+        print(f"error: cannot read or write a file: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
+    return 0
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 
@@ -153,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(subparsers)
     _add_evaluate(subparsers)
+    model_server.add_cli(subparsers)
+    _add_make_request(subparsers)
     return parser
 
 

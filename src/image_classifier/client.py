@@ -1,8 +1,11 @@
 """Requests in TensorFlow Serving's REST format, made from pictures (``make-request``).
 
-``make_request_json("cat.jpg")`` runs the one shared :func:`~image_classifier.preprocess.preprocess_image`
-and returns ``{"instances": [<32x32x3 floats>]}``, the body that
-``curl -X POST http://localhost:8501/v1/models/image_classifier:predict -d @test_data.json``
+``make_request_json("cat.jpg")`` runs the one shared
+:func:`~image_classifier.preprocess.preprocess_image` and returns
+``{"instances": [<32x32x3 floats>]}``, the body that
+
+    curl -X POST http://localhost:8501/v1/models/image_classifier:predict -d @test_data.json
+
 sends. Needs only Pillow and NumPy (no TensorFlow, no web stack).
 """
 

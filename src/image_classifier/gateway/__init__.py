@@ -37,7 +37,19 @@ _EXPORTS = {
     "load_settings": "settings",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "GatewaySettings",
+    "SettingsError",
+    "add_gateway_arguments",
+    "add_predict_arguments",
+    "add_serve_arguments",
+    "create_app",
+    "gateway_main",
+    "load_settings",
+    "predict_main",
+    "run_gateway",
+    "serve_main",
+]
 
 
 def __getattr__(name: str) -> Any:

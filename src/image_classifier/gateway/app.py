@@ -88,5 +88,5 @@ def create_app(
             expose_headers=[REQUEST_ID_HEADER],
             max_age=600,
         )
-    app.add_middleware(RequestContextMiddleware, metrics=app_metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=app_metrics, routes=app.router.routes)
     return app

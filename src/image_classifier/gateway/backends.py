@@ -91,10 +91,10 @@ class Backend(abc.ABC):
         self.model_name = settings.model_name
         self.observer = observer
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - an optional hook, not every backend needs it
         """Open connections or load the model (called once, in the app's lifespan)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - an optional hook, not every backend needs it
         """Release what :meth:`start` opened."""
 
     @abc.abstractmethod
@@ -446,9 +446,7 @@ class LocalBackend(Backend):
             self._state, self._message = "END", str(exc)
             raise
         self._state = AVAILABLE
-        logger.info(
-            "loaded %s version %s in-process", self._servable.path, self._servable.version
-        )
+        logger.info("loaded %s version %s in-process", self._servable.path, self._servable.version)
 
     async def close(self) -> None:
         self._servable = None
@@ -467,9 +465,7 @@ class LocalBackend(Backend):
     async def predict(self, images: np.ndarray) -> BackendPrediction:
         servable = self.servable
         async with self._observed("predict"):
-            probs = await anyio.to_thread.run_sync(
-                servable.predict, images, limiter=self._limiter
-            )
+            probs = await anyio.to_thread.run_sync(servable.predict, images, limiter=self._limiter)
             probs = _check_probabilities(
                 np.asarray(probs, dtype=np.float32), len(images), len(servable.class_names)
             )
@@ -489,10 +485,12 @@ class LocalBackend(Backend):
 def _describe_signatures(signatures: Any) -> dict[str, Any]:
     """Loaded signatures -> the same shape as TF Serving's ``signature_def`` metadata."""
 
+    from tensorflow.core.framework import types_pb2
+
     def spec(tensor: Any) -> dict[str, Any]:
         dims = [{"size": str(-1 if d is None else d)} for d in tensor.shape.as_list()]
         return {
-            "dtype": f"DT_{tensor.dtype.name.upper()}",
+            "dtype": types_pb2.DataType.Name(tensor.dtype.as_datatype_enum),
             "tensor_shape": {"dim": dims, "unknown_rank": False},
         }
 

@@ -34,8 +34,14 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("GATEWAY_URL", DEFAULT_URL),
         help=f"gateway base URL (GATEWAY_URL, default {DEFAULT_URL})",
     )
-    parser.add_argument("--top-k", type=int, default=3, choices=range(1, 11), metavar="K",
-                        help="classes to show per image, 1-10 (default 3)")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=3,
+        choices=range(1, 11),
+        metavar="K",
+        help="classes to show per image, 1-10 (default 3)",
+    )
     parser.add_argument("--json", action="store_true", help="print the answers as one JSON array")
     parser.add_argument(
         "--api-key",
@@ -117,9 +123,7 @@ def format_result(image: str, result: dict[str, Any]) -> str:
     ]
     for rank, p in enumerate(predictions, start=1):
         bar = "#" * round(p["probability"] * _BAR_WIDTH)
-        lines.append(
-            f"  {rank:>2}  {p['label']:<{label_width}}  {p['probability']:>10.2%}  {bar}"
-        )
+        lines.append(f"  {rank:>2}  {p['label']:<{label_width}}  {p['probability']:>10.2%}  {bar}")
     return "\n".join(lines)
 
 

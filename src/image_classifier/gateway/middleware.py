@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from image_classifier.gateway.context import (
@@ -32,8 +35,12 @@ access_logger = logging.getLogger("image_classifier.gateway.access")
 _QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 
 
-def route_label(scope: Scope) -> str:
+def route_label(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
+    """The route template that handled (or would have handled) the request."""
     route = scope.get("route")
+    if route is None:
+        # Refused before routing (413 on Content-Length): find the route it was meant for.
+        route = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
     path = getattr(route, "path", None)
     return path if isinstance(path, str) and path else "unmatched"
 
@@ -45,9 +52,12 @@ class RequestContextMiddleware:
     (with the request id header, which Starlette's own ServerErrorMiddleware would not add).
     """
 
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: GatewayMetrics, routes: Sequence[BaseRoute] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,14 +83,19 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            logger.exception(
+                "unhandled error on %s %s",
+                scope["method"],
+                scope["path"],
+                extra={"request_id": request_id},
+            )
             if response_started:
                 raise  # half a response is out; only the server can end the connection
             status = 500
             await internal_error_response()(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            route = route_label(scope)
+            route = route_label(scope, self.routes)
             self.metrics.in_flight.dec()
             self.metrics.observe_request(route, scope["method"], status, elapsed)
             level = logging.DEBUG if route in _QUIET_ROUTES and status < 400 else logging.INFO
@@ -93,6 +108,7 @@ class RequestContextMiddleware:
                 scope["path"],
                 status,
                 elapsed * 1000,
+                extra={"request_id": request_id},
             )
             reset_request_id(token)
 
@@ -167,4 +183,3 @@ class BodySizeLimitMiddleware:
                 raise
         if exceeded is not None and not app_responded:
             await self._reject(exceeded, scope, send)
-

@@ -100,8 +100,9 @@ class PayloadTooLargeError(ServingError):
         return 413
 
 
-# "{{function_node __inference_signature_wrapper_123}} " prefixes and "[[{{node ...}}]]" /
-# "[Op:...]" suffixes name graph internals, not anything the client sent.
+# TensorFlow wraps the op's message in graph details: "Graph execution error:", "Detected at
+# node ... defined at (most recent call last):" with a stack, "{{function_node ...}}" prefixes,
+# "[[{{node ...}}]]" and "[Op:...]" suffixes. They name internals, not anything the client sent.
 _FUNCTION_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
 _NODE_SUFFIX = re.compile(r"\s*(\[\[\{\{node [^\]]*\]\]|\[Op:[^\]]*\])")
 
@@ -110,6 +111,21 @@ def from_tf_error(exc: BaseException) -> ServingError:
     """A ``tf.errors.OpError`` -> the :class:`ServingError` with the same canonical code."""
     code = getattr(exc, "error_code", 2)
     name = _CODE_NAMES[code] if isinstance(code, int) and 0 < code < len(_CODE_NAMES) else "UNKNOWN"
-    message = getattr(exc, "message", None) or str(exc)
-    message = _NODE_SUFFIX.sub("", _FUNCTION_NODE.sub("", message)).strip()
-    return ServingError(message or type(exc).__name__, status=name)
+    return ServingError(clean_tf_message(getattr(exc, "message", None) or str(exc)), status=name)
+
+
+def clean_tf_message(message: str) -> str:
+    """The op's own words from a TensorFlow error message, without graph and stack details."""
+    text = _NODE_SUFFIX.sub("", _FUNCTION_NODE.sub("", message))
+    kept: list[str] = []
+    in_stack = False
+    for line in text.splitlines():
+        if line.startswith("Detected at node"):
+            in_stack = True  # indented "File ..." lines and source lines follow
+            continue
+        if in_stack and (line[:1].isspace() or line.strip() == "<stack traces unavailable>"):
+            continue
+        in_stack = False
+        if line.strip() and line.strip() != "Graph execution error:":
+            kept.append(line.strip())
+    return " ".join(kept) or "TensorFlow error"

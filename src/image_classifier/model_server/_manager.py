@@ -67,9 +67,7 @@ class LoadedVersion:
 
         function = self.servable.signatures.get(signature_name)
         if function is None:  # in signature_def but not callable, e.g. __saved_model_init_op
-            raise InvalidArgumentError(
-                f"Failed to get input map for signature: {signature_name}"
-            )
+            raise InvalidArgumentError(f"Failed to get input map for signature: {signature_name}")
         tensors = {key: tf.convert_to_tensor(value) for key, value in inputs.items()}
         result = function(**tensors)
         return {key: value.numpy() for key, value in result.items()}
@@ -222,17 +220,21 @@ class ModelManager:
             final = attempts > self.max_num_load_retries
             logger.error(
                 "loading %s version %d failed (attempt %d of %d): %s",
-                self.name, version, attempts, self.max_num_load_retries + 1, exc,
+                self.name,
+                version,
+                attempts,
+                self.max_num_load_retries + 1,
+                exc,
             )
-            self._set_state(
-                VersionStatus(version, END if final else LOADING, "UNKNOWN", str(exc))
-            )
+            self._set_state(VersionStatus(version, END if final else LOADING, "UNKNOWN", str(exc)))
             return
         self._failures.pop(version, None)
         self._swap(loaded)
         logger.info(
             "%s version %d is AVAILABLE (loaded in %.1f s)",
-            self.name, version, time.perf_counter() - started,
+            self.name,
+            version,
+            time.perf_counter() - started,
         )
 
     def _swap(self, loaded: LoadedVersion | None) -> None:

@@ -132,11 +132,12 @@ def _message_to_json(proto: Any) -> dict[str, Any]:
     """protobuf -> JSON as TF Serving prints it: proto field names, default values included."""
     from google.protobuf import json_format
 
+    result: dict[str, Any]
     try:
-        return json_format.MessageToDict(
+        result = json_format.MessageToDict(
             proto, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
     except TypeError:  # protobuf < 5.26 names the option differently
-        return json_format.MessageToDict(  # type: ignore[call-arg]
-            proto, preserving_proto_field_name=True, including_default_value_fields=True
-        )
+        legacy = {"including_default_value_fields": True}
+        result = json_format.MessageToDict(proto, preserving_proto_field_name=True, **legacy)
+    return result

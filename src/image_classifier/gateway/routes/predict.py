@@ -144,8 +144,7 @@ async def predict_json(
 def _check_count(count: int, limit: int) -> None:
     if count > limit:
         raise TooManyImagesError(
-            f"{count} images in one request; the limit is {limit} "
-            "(GATEWAY_MAX_IMAGES_PER_REQUEST)"
+            f"{count} images in one request; the limit is {limit} (GATEWAY_MAX_IMAGES_PER_REQUEST)"
         )
 
 

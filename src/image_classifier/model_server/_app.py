@@ -1,0 +1,170 @@
+"""The ASGI app: TF Serving's REST routes on FastAPI, the model loaded in the lifespan.
+
+One catch-all route per method takes every ``/v1/...`` path and hands it to
+:func:`_service.parse_path`, because TF Serving's ``/v1/models/NAME:predict`` puts a colon right
+after a path segment, which Starlette's path parameters cannot express. Everything slow
+(JSON parsing, TensorFlow, encoding) runs in worker threads, bounded by ``rest_api_num_threads``,
+so the event loop keeps answering status probes while a big batch is computed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from image_classifier.model_server import _service
+from image_classifier.model_server._errors import PayloadTooLargeError, ServingError
+from image_classifier.model_server._manager import ModelManager
+from image_classifier.model_server._settings import ModelServerSettings
+from image_classifier.preprocess import MAX_PIXELS
+
+logger = logging.getLogger("image_classifier.model_server")
+
+_JOIN_TIMEOUT_SECONDS = 5.0
+
+
+def create_app(
+    settings: ModelServerSettings | None = None, *, manager: ModelManager | None = None
+) -> FastAPI:
+    """The model server app; nothing is loaded until the lifespan starts.
+
+    ``manager`` replaces the one built from ``settings`` (tests inject a preloaded one).
+    """
+    settings = settings or ModelServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = manager or ModelManager(
+            settings.model_name,
+            settings.model_base_path,
+            max_num_load_retries=settings.max_num_load_retries,
+            load_retry_interval_seconds=settings.load_retry_interval_seconds,
+        )
+        app.state.manager = model
+        app.state.limiter = anyio.CapacityLimiter(settings.rest_api_num_threads)
+        # Like tensorflow_model_server, load before accepting connections, so "port open"
+        # usually means "model AVAILABLE"; a missing or broken version still lets the server
+        # start (and report it in the status endpoint) rather than exit.
+        try:
+            await anyio.to_thread.run_sync(model.poll)
+        except Exception:  # e.g. an unreadable base path: report it, keep polling
+            logger.exception("initial look at %s failed", settings.model_base_path)
+        stop = threading.Event()
+        poller: threading.Thread | None = None
+        if settings.file_system_poll_wait_seconds > 0:
+            poller = threading.Thread(
+                target=model.run_poller,
+                args=(stop, settings.file_system_poll_wait_seconds),
+                name="model-server-poller",
+                daemon=True,  # a load in progress must not hold the process at exit
+            )
+            poller.start()
+        logger.info(
+            "serving model %r from %s on http://%s:%d",
+            settings.model_name,
+            settings.model_base_path,
+            settings.host,
+            settings.rest_api_port,
+        )
+        try:
+            yield
+        finally:
+            stop.set()
+            if poller is not None:
+                await anyio.to_thread.run_sync(
+                    functools.partial(poller.join, _JOIN_TIMEOUT_SECONDS)
+                )
+
+    app = FastAPI(
+        title="image_classifier model server",
+        summary="TensorFlow Serving's REST API for the exported SavedModel",
+        lifespan=lifespan,
+        # TF Serving exposes nothing but /v1: no docs pages on the model port.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.add_exception_handler(ServingError, _serving_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_api_route("/v1/{path:path}", _v1, methods=["GET", "POST"])
+    return app
+
+
+async def _v1(request: Request) -> Response:
+    settings: ModelServerSettings = request.app.state.settings
+    manager: ModelManager = request.app.state.manager
+    call = _service.parse_path(request.method, request.url.path)
+    if call.kind == "status":
+        return JSONResponse(_service.model_status(manager, call))
+    if call.kind == "metadata":
+        return JSONResponse(_service.model_metadata(manager, call))
+    body = await _read_body(request, settings.max_request_bytes)
+    content = await anyio.to_thread.run_sync(
+        functools.partial(
+            _service.predict,
+            manager,
+            call,
+            body,
+            max_batch_size=settings.max_batch_size,
+            max_image_pixels=MAX_PIXELS,
+        ),
+        limiter=request.app.state.limiter,
+    )
+    return Response(content, media_type="application/json")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        # Refused before reading: with "Expect: 100-continue" (curl, for big bodies) the client
+        # never even sends it.
+        raise PayloadTooLargeError(_too_large(int(declared), limit))
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:  # chunked uploads declare no length: count as they arrive
+            raise PayloadTooLargeError(_too_large(received, limit, at_least=True))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
+    return (
+        f"Request body of {'more than ' if at_least else ''}{size:,} bytes is larger than "
+        f"the limit of {limit:,} bytes"
+    )
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
+    if exc.http_status >= 500:
+        logger.error("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc)
+    # A 413 is sent before the body is read: close rather than try to skip the rest of it.
+    headers = {"Connection": "close"} if isinstance(exc, PayloadTooLargeError) else None
+    return _error(exc.http_status, exc.message, headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Paths outside /v1 (404) and other methods (405), in TF Serving's error shape.
+    return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette re-raises after this response is sent, so uvicorn logs the traceback.
+    return _error(500, f"Internal error: {type(exc).__name__}: {exc}")
