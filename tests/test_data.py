@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import synthetic_images, write_cifar_batches, write_image_folder
 
 from image_classifier.constants import CIFAR10_CLASSES
 from image_classifier.data import (
@@ -20,6 +19,7 @@ from image_classifier.data import (
 )
 from image_classifier.errors import DatasetError
 from image_classifier.preprocess import preprocess_image
+from synthetic import synthetic_images, write_cifar_batches, write_image_folder
 
 
 def test_cifar_batches_are_read_as_nhwc(tmp_path: Path) -> None:

@@ -31,8 +31,9 @@ def _stack_model(config: ModelConfig, steps: int, channels: int = 4) -> keras.Mo
     [
         SMALL,
         ModelConfig(stem_filters=(), layout="rows", tcn_filters=8, dilations=(1, 2, 4, 8)),
-        ModelConfig(stem_filters=(8,), tcn_filters=8, dilations=(1, 2, 4, 8, 16, 32, 64),
-                    norm="layer"),
+        ModelConfig(
+            stem_filters=(8,), tcn_filters=8, dilations=(1, 2, 4, 8, 16, 32, 64), norm="layer"
+        ),
     ],
     ids=["stem-raster", "pixel-rows", "one-stage-layernorm"],
 )
@@ -91,8 +92,9 @@ def test_tcn_stack_is_causal(norm: str) -> None:
 
 
 def test_model_standardizes_its_input() -> None:
-    config = ModelConfig(stem_filters=(8, 16), tcn_filters=16, mean=(0.5, 0.5, 0.5),
-                         std=(0.25, 0.25, 0.25))
+    config = ModelConfig(
+        stem_filters=(8, 16), tcn_filters=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)
+    )
     model = build_model(config)
     standardize = model.get_layer("standardize")
     out = standardize(np.full((1, 32, 32, 3), 0.75, "float32")).numpy()
@@ -109,8 +111,13 @@ def test_config_round_trips_through_json_dict() -> None:
 
 
 def test_flops_count_matches_hand_count() -> None:
-    config = ModelConfig(stem_filters=(8,), stem_convs_per_stage=1, tcn_filters=8,
-                         dilations=(1, 2, 4, 8, 16, 32, 64, 128), convs_per_block=1)
+    config = ModelConfig(
+        stem_filters=(8,),
+        stem_convs_per_stage=1,
+        tcn_filters=8,
+        dilations=(1, 2, 4, 8, 16, 32, 64, 128),
+        convs_per_block=1,
+    )
     model = build_model(config)
     stem_in = 32 * 32 * 9 * 3 * 4  # 3 -> 4 channels at 32x32
     stage = 32 * 32 * 9 * 4 * 8  # conv at full resolution, then pooled

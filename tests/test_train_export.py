@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from synthetic import encode, synthetic_images, write_cifar_batches
 
 tf = pytest.importorskip("tensorflow", reason="training needs TensorFlow")
@@ -33,8 +34,7 @@ from image_classifier.train import TrainConfig, TrainResult, train  # noqa: E402
 pytestmark = pytest.mark.slow
 
 TINY_MODEL = ModelConfig(stem_filters=(8, 16), tcn_filters=16, dropout=0.0)
-TINY_TRAIN = TrainConfig(epochs=4, batch_size=32, learning_rate=0.2, validation_size=60,
-                         verbose=0)
+TINY_TRAIN = TrainConfig(epochs=4, batch_size=32, learning_rate=0.2, validation_size=60, verbose=0)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,13 @@ def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(cifar_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     base = tmp_path_factory.mktemp("models")
     splits = load_splits(cifar_dir, validation_size=TINY_TRAIN.validation_size)
-    return train(splits, model_config=TINY_MODEL, train_config=TINY_TRAIN,
-                 model_base_path=base, run_dir=tmp_path_factory.mktemp("run"))
+    return train(
+        splits,
+        model_config=TINY_MODEL,
+        train_config=TINY_TRAIN,
+        model_base_path=base,
+        run_dir=tmp_path_factory.mktemp("run"),
+    )
 
 
 def test_export_layout_is_what_tf_serving_loads(trained: TrainResult) -> None:
@@ -95,8 +100,15 @@ def test_reloaded_export_matches_in_memory_model(tmp_path: Path) -> None:
     plain = tf.nn.softmax(logits).numpy()
     averaged = (plain + tf.nn.softmax(mirrored).numpy()) / 2
     for version, tta, expected in ((1, False, plain), (2, True, averaged)):
-        export_model(model, TINY_MODEL, tmp_path, class_names=CIFAR10_CLASSES, metadata={},
-                     version=version, flip_tta=tta)
+        export_model(
+            model,
+            TINY_MODEL,
+            tmp_path,
+            class_names=CIFAR10_CLASSES,
+            metadata={},
+            version=version,
+            flip_tta=tta,
+        )
         served = load_servable(tmp_path, version).predict(images)
         np.testing.assert_allclose(served, expected, atol=1e-5)
         np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
@@ -114,20 +126,21 @@ def test_bytes_signature_agrees_with_float_path(trained: TrainResult) -> None:
     np.testing.assert_allclose(from_bytes, from_floats, atol=0.02)
 
 
-def test_next_run_writes_next_version(cifar_dir: Path, trained: TrainResult,
-                                      tmp_path: Path) -> None:
+def test_next_run_writes_next_version(
+    cifar_dir: Path, trained: TrainResult, tmp_path: Path
+) -> None:
     base = trained.export_dir.parent
     model = build_model(TINY_MODEL)
     second = export_model(model, TINY_MODEL, base, class_names=CIFAR10_CLASSES, metadata={})
     assert second.name == "2"
     assert list_versions(base) == [1, 2]
     with pytest.raises(ExportError, match="already exists"):
-        export_model(model, TINY_MODEL, base, class_names=CIFAR10_CLASSES, metadata={},
-                     version=2)
+        export_model(model, TINY_MODEL, base, class_names=CIFAR10_CLASSES, metadata={}, version=2)
 
 
-def test_interrupted_export_leaves_no_version_behind(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_export_leaves_no_version_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_save = tf.saved_model.save
 
     def save_then_die(obj: object, export_dir: str, **kwargs: object) -> None:
@@ -136,33 +149,41 @@ def test_interrupted_export_leaves_no_version_behind(tmp_path: Path,
 
     monkeypatch.setattr(tf.saved_model, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        export_model(build_model(TINY_MODEL), TINY_MODEL, tmp_path,
-                     class_names=CIFAR10_CLASSES, metadata={})
+        export_model(
+            build_model(TINY_MODEL), TINY_MODEL, tmp_path, class_names=CIFAR10_CLASSES, metadata={}
+        )
     assert list(tmp_path.iterdir()) == []
     assert list_versions(tmp_path) == []
 
 
 def test_failed_export_is_an_export_error_and_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(ExportError):
-        export_model(build_model(TINY_MODEL), TINY_MODEL, tmp_path,
-                     class_names=CIFAR10_CLASSES, metadata={},
-                     extra_files={"history.json": tmp_path / "missing.json"})
+        export_model(
+            build_model(TINY_MODEL),
+            TINY_MODEL,
+            tmp_path,
+            class_names=CIFAR10_CLASSES,
+            metadata={},
+            extra_files={"history.json": tmp_path / "missing.json"},
+        )
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_during_training_exports_best_epoch_so_far(cifar_dir: Path,
-                                                          tmp_path: Path) -> None:
+def test_ctrl_c_during_training_exports_best_epoch_so_far(cifar_dir: Path, tmp_path: Path) -> None:
     class CtrlCAfterFirstEpoch(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch: int, logs: object = None) -> None:
             if epoch == 1:
                 raise KeyboardInterrupt
 
     splits = load_splits(cifar_dir, validation_size=60)
-    result = train(splits, model_config=TINY_MODEL,
-                   train_config=TrainConfig(epochs=5, batch_size=64, validation_size=60,
-                                            verbose=0),
-                   model_base_path=tmp_path / "models", run_dir=tmp_path / "run",
-                   callbacks=[CtrlCAfterFirstEpoch()])
+    result = train(
+        splits,
+        model_config=TINY_MODEL,
+        train_config=TrainConfig(epochs=5, batch_size=64, validation_size=60, verbose=0),
+        model_base_path=tmp_path / "models",
+        run_dir=tmp_path / "run",
+        callbacks=[CtrlCAfterFirstEpoch()],
+    )
     assert result.interrupted
     assert result.epochs_run == 1
     assert (result.export_dir / "saved_model.pb").exists()
@@ -175,8 +196,9 @@ def test_training_learns_the_synthetic_classes(trained: TrainResult) -> None:
     assert trained.best_val_accuracy > 0.3
 
 
-def test_evaluate_uses_the_serving_signature(trained: TrainResult, cifar_dir: Path,
-                                             tmp_path: Path) -> None:
+def test_evaluate_uses_the_serving_signature(
+    trained: TrainResult, cifar_dir: Path, tmp_path: Path
+) -> None:
     png = tmp_path / "cm.png"
     report = evaluate(trained.export_dir, cifar_dir, confusion_png=png)
     assert report.split == "validation" and report.num_images == 60

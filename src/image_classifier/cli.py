@@ -23,7 +23,9 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 # --- train / evaluate ---------------------------------------------------------------------------
@@ -41,31 +43,45 @@ def _add_train(subparsers: Any) -> None:
         "validation accuracy, and export it as <model-base-path>/<next version>/ with its "
         "history, training curves and model card. Ctrl-C exports the best epoch so far.",
     )
-    p.add_argument("--data-dir", help="cifar-10-batches-py directory or an image-folder tree "
-                   "(root/<class>/*.jpg); omitted: download CIFAR-10 via keras.datasets")
-    p.add_argument("--config", type=Path, help="JSON file {\"model\": {...}, \"train\": {...}}; "
-                   "command-line flags override it")
+    p.add_argument(
+        "--data-dir",
+        help="cifar-10-batches-py directory or an image-folder tree "
+        "(root/<class>/*.jpg); omitted: download CIFAR-10 via keras.datasets",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help='JSON file {"model": {...}, "train": {...}}; command-line flags override it',
+    )
     p.add_argument("--model-base-path", default=DEFAULT_MODEL_BASE_PATH)
     p.add_argument("--version", type=int, help="version number to write (default: next free)")
     p.add_argument("--run-dir", help="where checkpoints and logs go (default runs/<timestamp>)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"default {t.epochs}")
     g.add_argument("--batch-size", type=int, help=f"default {t.batch_size}")
-    g.add_argument("--learning-rate", type=float, help=f"peak LR at batch 512, default "
-                   f"{t.learning_rate}")
+    g.add_argument(
+        "--learning-rate", type=float, help=f"peak LR at batch 512, default {t.learning_rate}"
+    )
     g.add_argument("--weight-decay", type=float, help=f"default {t.weight_decay}")
     g.add_argument("--label-smoothing", type=float, help=f"default {t.label_smoothing}")
     g.add_argument("--warmup-fraction", type=float, help=f"default {t.warmup_fraction}")
     g.add_argument("--early-stopping-patience", type=int, help="epochs without improvement")
     g.add_argument("--validation-size", type=int, help=f"default {t.validation_size}")
     g.add_argument("--seed", type=int, help=f"default {t.seed}")
-    g.add_argument("--precision", choices=["float32", "mixed_bfloat16"],
-                   help=f"default {t.precision}")
-    g.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
-                   help="export averages each image with its mirror (default on)")
+    g.add_argument(
+        "--precision", choices=["float32", "mixed_bfloat16"], help=f"default {t.precision}"
+    )
+    g.add_argument(
+        "--flip-tta",
+        action=argparse.BooleanOptionalAction,
+        help="export averages each image with its mirror (default on)",
+    )
     a = p.add_argument_group("architecture")
-    a.add_argument("--stem-filters", type=_int_tuple, help=f"default {m.stem_filters}; "
-                   "empty string: no stem (pixel sequence)")
+    a.add_argument(
+        "--stem-filters",
+        type=_int_tuple,
+        help=f"default {m.stem_filters}; empty string: no stem (pixel sequence)",
+    )
     a.add_argument("--layout", choices=["raster", "rows"], help=f"default {m.layout}")
     a.add_argument("--tcn-filters", type=int, help=f"default {m.tcn_filters}")
     a.add_argument("--kernel-size", type=int, help=f"default {m.kernel_size}")
@@ -75,11 +91,28 @@ def _add_train(subparsers: Any) -> None:
     p.set_defaults(func=_run_train)
 
 
-_TRAIN_FLAGS = ("epochs", "batch_size", "learning_rate", "weight_decay", "label_smoothing",
-                "warmup_fraction", "early_stopping_patience", "validation_size", "seed",
-                "precision", "flip_tta")
-_MODEL_FLAGS = ("stem_filters", "layout", "tcn_filters", "kernel_size", "dilations", "dropout",
-                "norm")
+_TRAIN_FLAGS = (
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "label_smoothing",
+    "warmup_fraction",
+    "early_stopping_patience",
+    "validation_size",
+    "seed",
+    "precision",
+    "flip_tta",
+)
+_MODEL_FLAGS = (
+    "stem_filters",
+    "layout",
+    "tcn_filters",
+    "kernel_size",
+    "dilations",
+    "dropout",
+    "norm",
+)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -89,10 +122,14 @@ def _run_train(args: argparse.Namespace) -> int:
     file_config: dict[str, Any] = {}
     if args.config:
         file_config = json.loads(args.config.read_text(encoding="utf-8"))
-    model_values = {**file_config.get("model", {}),
-                    **{k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k) is not None}}
-    train_values = {**file_config.get("train", {}),
-                    **{k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}}
+    model_values = {
+        **file_config.get("model", {}),
+        **{k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k) is not None},
+    }
+    train_values = {
+        **file_config.get("train", {}),
+        **{k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None},
+    }
     model_config = ModelConfig.from_dict({**ModelConfig().to_dict(), **model_values})
     train_config = dataclasses.replace(TrainConfig(), **train_values)
     result = train_from_dir(
@@ -103,13 +140,18 @@ def _run_train(args: argparse.Namespace) -> int:
         version=args.version,
         run_dir=args.run_dir,
     )
-    print(json.dumps({
-        "export_dir": str(result.export_dir),
-        "best_val_accuracy": round(result.best_val_accuracy, 4),
-        "epochs_run": result.epochs_run,
-        "training_seconds": round(result.training_seconds, 1),
-        "interrupted": result.interrupted,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "export_dir": str(result.export_dir),
+                "best_val_accuracy": round(result.best_val_accuracy, 4),
+                "epochs_run": result.epochs_run,
+                "training_seconds": round(result.training_seconds, 1),
+                "interrupted": result.interrupted,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -122,8 +164,11 @@ def _add_evaluate(subparsers: Any) -> None:
         "present, else the validation split recorded in the model card. Prints overall and "
         "per-class accuracy as JSON and writes a confusion-matrix PNG.",
     )
-    p.add_argument("--model-dir", default=DEFAULT_MODEL_BASE_PATH,
-                   help="model base path or one version directory")
+    p.add_argument(
+        "--model-dir",
+        default=DEFAULT_MODEL_BASE_PATH,
+        help="model base path or one version directory",
+    )
     p.add_argument("--data-dir", help="cifar-10-batches-py directory or image folder")
     p.add_argument("--version", type=int)
     p.add_argument("--confusion-png", help="default: confusion_matrix.png in the version dir")
@@ -134,8 +179,9 @@ def _add_evaluate(subparsers: Any) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from image_classifier.evaluate import evaluate
 
-    report = evaluate(args.model_dir, args.data_dir, version=args.version,
-                      confusion_png=args.confusion_png)
+    report = evaluate(
+        args.model_dir, args.data_dir, version=args.version, confusion_png=args.confusion_png
+    )
     result = report.to_dict()
     if not args.matrix:
         result.pop("confusion_matrix")
@@ -151,7 +197,7 @@ def _add_make_request(subparsers: Any) -> None:
         "make-request",
         help="turn a picture into a TF Serving predict request body (test_data.json)",
         description="Preprocess IMAGE with the shared preprocess function (32x32 RGB, [0, 1]) "
-        "and write {\"instances\": [...]} for: curl -X POST "
+        'and write {"instances": [...]} for: curl -X POST '
         "http://localhost:8501/v1/models/image_classifier:predict -d @test_data.json",
     )
     p.add_argument("image", type=Path)

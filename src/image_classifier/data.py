@@ -27,9 +27,7 @@ if TYPE_CHECKING:
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_VALIDATION_SIZE = 5000
 AUGMENT_PADDING = 4
 
@@ -96,7 +94,7 @@ def _read_class_names(directory: Path) -> tuple[str, ...]:
 
 
 def load_cifar10(directory: str | os.PathLike[str]) -> tuple[Dataset, Dataset | None]:
-    """Read a ``cifar-10-batches-py`` directory: the training set and, if present, ``test_batch``."""
+    """Read a ``cifar-10-batches-py`` directory: training set and, if present, ``test_batch``."""
     root = Path(directory)
     if not root.is_dir():
         raise DatasetError(f"CIFAR-10 directory not found: {root}")

@@ -180,7 +180,7 @@ def export_model(
         for name, source in (extra_files or {}).items():
             shutil.copy2(source, staging / name)
         _fsync_tree(staging)
-        os.rename(staging, final)  # atomic on one filesystem; fails if `final` appeared meanwhile
+        staging.rename(final)  # atomic on one filesystem; fails if `final` appeared meanwhile
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, (KeyboardInterrupt, SystemExit, ExportError)):

@@ -64,8 +64,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         converted = {
-            key: tuple(value) if isinstance(value, list) else value
-            for key, value in values.items()
+            key: tuple(value) if isinstance(value, list) else value for key, value in values.items()
         }
         return cls(**converted)
 

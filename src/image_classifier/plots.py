@@ -56,8 +56,9 @@ def plot_confusion_matrix(
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
             colour = "white" if normalized[i, j] > 0.5 else "black"
-            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=colour,
-                    fontsize=8)
+            ax.text(
+                j, i, str(int(matrix[i, j])), ha="center", va="center", color=colour, fontsize=8
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

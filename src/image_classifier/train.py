@@ -258,8 +258,9 @@ def train(
         "name": "image_classifier",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": {
-            "type": "TCN (dilated causal residual 1-D convolutions) over a conv-stem token "
-            "sequence" if model_config.stem_filters else "TCN over the pixel sequence",
+            "type": "TCN (dilated causal residual 1-D convolutions) over a conv-stem token sequence"
+            if model_config.stem_filters
+            else "TCN over the pixel sequence",
             "sequence_length": sequence_length(model_config),
             "receptive_field": receptive_field(model_config),
             "parameters": int(model.count_params()),

@@ -1,0 +1,63 @@
+"""Inference cost of an export: parameters, FLOPs per image, images/s at batch 1 and 256.
+
+Calls the SavedModel's ``serving_default`` signature (what TF Serving runs), on this machine's
+CPU. Usage::
+
+    .venv/bin/python benchmarks/inference.py [--model-dir saved_models/image_classifier]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from image_classifier.constants import DEFAULT_MODEL_BASE_PATH
+from image_classifier.servable import load_servable
+
+
+def images_per_second(servable, batch: int, seconds: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    images = np.random.default_rng(0).random((batch, 32, 32, 3), dtype=np.float32)
+    for _ in range(3):  # warm-up: graph tracing and oneDNN primitive caches
+        servable.predict(images)
+    latencies = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(latencies) < 5:
+        start = time.perf_counter()
+        servable.predict(images)
+        latencies.append(time.perf_counter() - start)
+    median = statistics.median(latencies)
+    return {
+        "batch": batch,
+        "calls": len(latencies),
+        "median_latency_ms": round(median * 1000, 2),
+        "images_per_second": round(batch / median, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=DEFAULT_MODEL_BASE_PATH)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per batch size")
+    parser.add_argument("--batch-sizes", default="1,256")
+    args = parser.parse_args()
+
+    servable = load_servable(args.model_dir)
+    architecture = servable.metadata.get("architecture", {})
+    report = {
+        "model_version": servable.version,
+        "parameters": architecture.get("parameters"),
+        "flops_per_image": architecture.get("flops_per_image"),
+        "test_time_augmentation": servable.metadata.get("test_time_augmentation"),
+        "results": [
+            images_per_second(servable, int(b), args.seconds) for b in args.batch_sizes.split(",")
+        ],
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
