@@ -86,15 +86,12 @@ def gateway_free_port() -> Callable[[], int]:
 
 
 @pytest.fixture(scope="session")
-def gateway_model_base_path(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def gateway_model_base_path(
+    tmp_path_factory: pytest.TempPathFactory, tiny_export: Callable[..., Any]
+) -> Any:
     """Base path of a tiny untrained export (version 1), built once per session."""
-    from image_classifier.constants import CIFAR10_CLASSES
-    from image_classifier.export import export_model
-    from image_classifier.model import ModelConfig, build_model
-
     base = tmp_path_factory.mktemp("gateway_model") / "image_classifier"
-    config = ModelConfig(stem_filters=(8, 16), tcn_filters=16)
-    export_model(build_model(config), config, base, class_names=CIFAR10_CLASSES, metadata={})
+    tiny_export(base, version=1)
     return base
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from image_classifier import model_server
 from image_classifier.constants import DEFAULT_MODEL_BASE_PATH, MODEL_NAME
 from image_classifier.errors import ImageClassifierError
+from image_classifier.gateway import commands as gateway_commands
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subparsers)
     model_server.add_cli(subparsers)
     _add_make_request(subparsers)
+    gateway_commands.add_cli(subparsers)
     return parser
 
 

@@ -49,7 +49,10 @@ class ModelConfig:
     dilations: tuple[int, ...] = (1, 2, 4, 8, 16)
     convs_per_block: int = 2
     norm: Literal["batch", "layer"] = "batch"
-    dropout: float = 0.1
+    dropout: float = 0.0
+    # "fan_in_uniform" is U(+-1/sqrt(fan_in)) (PyTorch's default); it trained to higher accuracy
+    # than Keras' glorot_uniform in the recipe search (see README, Model).
+    kernel_init: Literal["fan_in_uniform", "glorot_uniform"] = "fan_in_uniform"
     num_classes: int = NUM_CLASSES
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
@@ -126,8 +129,18 @@ def build_model(config: ModelConfig | None = None) -> keras.Model:
 
     x = tcn_stack(x, config)
     x = layers.Lambda(lambda t: t[:, -1, :], name="last_step")(x)
-    logits = layers.Dense(config.num_classes, dtype="float32", name="logits")(x)
+    logits = layers.Dense(
+        config.num_classes, kernel_initializer=_init(config), dtype="float32", name="logits"
+    )(x)
     return keras.Model(inputs, logits, name="tcn_classifier")
+
+
+def _init(config: ModelConfig) -> keras.initializers.Initializer | str:
+    import keras
+
+    if config.kernel_init == "fan_in_uniform":
+        return keras.initializers.VarianceScaling(1 / 3, mode="fan_in", distribution="uniform")
+    return config.kernel_init
 
 
 def _norm(config: ModelConfig, name: str, *, axis: int = -1) -> keras.layers.Layer:
@@ -142,14 +155,26 @@ def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
     from keras import layers
 
     x = layers.Conv2D(
-        config.stem_filters[0] // 2, 3, padding="same", use_bias=False, name="stem_in"
+        config.stem_filters[0] // 2,
+        3,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=_init(config),
+        name="stem_in",
     )(x)
     x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name="stem_in_bn")(x)
     x = layers.ReLU(name="stem_in_relu")(x)
     for stage, filters in enumerate(config.stem_filters):
         for conv in range(config.stem_convs_per_stage):
             prefix = f"stem{stage}_{conv}"
-            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{prefix}_conv")(x)
+            x = layers.Conv2D(
+                filters,
+                3,
+                padding="same",
+                use_bias=False,
+                kernel_initializer=_init(config),
+                name=f"{prefix}_conv",
+            )(x)
             if conv == 0:
                 # Pool right after the first conv: the rest of the stage runs at 1/4 the cost.
                 x = layers.MaxPooling2D(2, name=f"{prefix}_pool")(x)
@@ -172,6 +197,7 @@ def tcn_stack(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
                 padding="causal",
                 dilation_rate=dilation,
                 use_bias=False,
+                kernel_initializer=_init(config),
                 name=f"{prefix}_conv{conv}",
             )(x)
             x = _norm(config, f"{prefix}_norm{conv}")(x)
@@ -179,7 +205,9 @@ def tcn_stack(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
             if config.dropout > 0:
                 x = layers.SpatialDropout1D(config.dropout, name=f"{prefix}_drop{conv}")(x)
         if residual.shape[-1] != config.tcn_filters:
-            residual = layers.Conv1D(config.tcn_filters, 1, name=f"{prefix}_skip")(residual)
+            residual = layers.Conv1D(
+                config.tcn_filters, 1, kernel_initializer=_init(config), name=f"{prefix}_skip"
+            )(residual)
         x = layers.Add(name=f"{prefix}_add")([x, residual])
     return x
 

@@ -43,20 +43,21 @@ if TYPE_CHECKING:
 class TrainConfig:
     """Optimisation hyperparameters (the architecture lives in :class:`ModelConfig`)."""
 
-    epochs: int = 30
+    epochs: int = 16
     batch_size: int = 512
     # Peak learning rate for SGD-Nesterov at batch 512; scaled linearly for other batch sizes.
-    learning_rate: float = 0.2
+    learning_rate: float = 0.3
     warmup_fraction: float = 0.2  # share of all steps spent ramping up from lr/10 to lr
     momentum: float = 0.9
-    # Decoupled: each step multiplies weights by (1 - lr * weight_decay); norms/biases exempt.
-    weight_decay: float = 5e-4
+    # Decoupled: each step multiplies every weight (normalization scales included) by
+    # (1 - lr * weight_decay). 5e-3 beat 5e-4 and 2e-3 in the recipe search.
+    weight_decay: float = 5e-3
     label_smoothing: float = 0.2
     early_stopping_patience: int | None = None  # epochs without val-accuracy gain; None = off
     validation_size: int = DEFAULT_VALIDATION_SIZE
     seed: int = 0
     # bfloat16 compute (float32 weights) uses the CPU's AMX/AVX-512 BF16 units where present.
-    precision: Literal["float32", "mixed_bfloat16"] = "float32"
+    precision: Literal["float32", "mixed_bfloat16"] = "mixed_bfloat16"
     flip_tta: bool = True  # export averages the image and its mirror
     verbose: int = 1
 
@@ -122,8 +123,8 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
         nesterov=True,
         weight_decay=config.weight_decay,
     )
-    # Weight decay on normalization scales/offsets and biases only fights the normalization.
-    optimizer.exclude_from_weight_decay(var_names=["bn", "norm", "bias", "standardize"])
+    # The input standardization's fixed statistics are not weights to shrink.
+    optimizer.exclude_from_weight_decay(var_names=["standardize"])
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(

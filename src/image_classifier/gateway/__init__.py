@@ -8,7 +8,8 @@ imports TensorFlow, when it starts. Names are resolved on first use (PEP 562), s
   :func:`load_settings`, :class:`SettingsError`
 - :func:`run_gateway`, :func:`gateway_main` (``image-classifier gateway``)
 - :func:`serve_main` (``image-classifier serve``), :func:`predict_main`
-  (``image-classifier predict``), each with its ``add_*_arguments`` for the CLI's subparsers.
+  (``image-classifier predict``), each with its ``add_*_arguments``; :func:`add_cli` registers
+  all three subcommands on the CLI's subparsers without importing the web stack.
 """
 
 from __future__ import annotations
@@ -18,19 +19,26 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from image_classifier.gateway.app import create_app
-    from image_classifier.gateway.cli_client import add_predict_arguments, predict_main
-    from image_classifier.gateway.run import add_gateway_arguments, gateway_main, run_gateway
-    from image_classifier.gateway.serve import add_serve_arguments, serve_main
+    from image_classifier.gateway.cli_client import predict_main
+    from image_classifier.gateway.commands import (
+        add_cli,
+        add_gateway_arguments,
+        add_predict_arguments,
+        add_serve_arguments,
+    )
+    from image_classifier.gateway.run import gateway_main, run_gateway
+    from image_classifier.gateway.serve import serve_main
     from image_classifier.gateway.settings import GatewaySettings, SettingsError, load_settings
 
 _EXPORTS = {
     "create_app": "app",
-    "add_predict_arguments": "cli_client",
+    "add_cli": "commands",
+    "add_gateway_arguments": "commands",
+    "add_predict_arguments": "commands",
+    "add_serve_arguments": "commands",
     "predict_main": "cli_client",
-    "add_gateway_arguments": "run",
     "gateway_main": "run",
     "run_gateway": "run",
-    "add_serve_arguments": "serve",
     "serve_main": "serve",
     "GatewaySettings": "settings",
     "SettingsError": "settings",
@@ -40,6 +48,7 @@ _EXPORTS = {
 __all__ = [
     "GatewaySettings",
     "SettingsError",
+    "add_cli",
     "add_gateway_arguments",
     "add_predict_arguments",
     "add_serve_arguments",

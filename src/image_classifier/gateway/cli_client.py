@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import mimetypes
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,37 +17,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
-DEFAULT_URL = "http://localhost:8000"
+from image_classifier.gateway.commands import add_predict_arguments
+
 EXIT_OK, EXIT_IMAGE_FAILED, EXIT_UNREACHABLE = 0, 1, 3
 _BAR_WIDTH = 30
 
 
 class GatewayUnreachableError(Exception):
     """The gateway did not answer at all (refused, DNS, timeout)."""
-
-
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
-    parser.add_argument(
-        "--url",
-        default=os.environ.get("GATEWAY_URL", DEFAULT_URL),
-        help=f"gateway base URL (GATEWAY_URL, default {DEFAULT_URL})",
-    )
-    parser.add_argument(
-        "--top-k",
-        type=int,
-        default=3,
-        choices=range(1, 11),
-        metavar="K",
-        help="classes to show per image, 1-10 (default 3)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the answers as one JSON array")
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("GATEWAY_API_KEY") or None,
-        help="sent as X-API-Key when the gateway requires one (GATEWAY_API_KEY)",
-    )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
 
 
 def _client(url: str, api_key: str | None, timeout: float) -> httpx.Client:
@@ -162,3 +138,7 @@ def predict_main(
     if args.json:
         print(json.dumps(collected, indent=2), file=out)
     return EXIT_IMAGE_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(predict_main(sys.argv[1:]))

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from image_classifier.gateway.commands import add_gateway_arguments
 from image_classifier.gateway.settings import GatewaySettings, SettingsError, load_settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s"
@@ -65,35 +66,6 @@ def run_gateway(settings: GatewaySettings) -> int:
     server = build_server(settings)
     server.run()
     return 0 if server.started else 1
-
-
-def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``image-classifier gateway``; each overrides its environment variable."""
-    parser.add_argument("--host", help="interface to listen on (GATEWAY_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (GATEWAY_PORT, default 8000)")
-    parser.add_argument(
-        "--tf-serving-url",
-        help="TF Serving REST base URL (TF_SERVING_URL, default http://localhost:8501)",
-    )
-    parser.add_argument(
-        "--backend",
-        choices=["tfserving", "local"],
-        help="tfserving (default) or local: load the SavedModel in-process (GATEWAY_BACKEND)",
-    )
-    parser.add_argument(
-        "--model-base-path", help="export loaded by the local backend (GATEWAY_MODEL_BASE_PATH)"
-    )
-    parser.add_argument(
-        "--model-card-path",
-        help="tfserving backend: the served export, for GET /model's card "
-        "(GATEWAY_MODEL_CARD_PATH)",
-    )
-    parser.add_argument("--model-name", help="model name in TF Serving (MODEL_NAME)")
-    parser.add_argument(
-        "--log-level",
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="GATEWAY_LOG_LEVEL, default info",
-    )
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:

@@ -30,13 +30,12 @@ from typing import Any
 
 import httpx
 
-from image_classifier.constants import DEFAULT_MODEL_BASE_PATH, MODEL_NAME
 from image_classifier.errors import ImageClassifierError, ModelNotFoundError
+from image_classifier.gateway.commands import add_serve_arguments
 from image_classifier.gateway.settings import GatewaySettings, SettingsError, load_settings
 
 logger = logging.getLogger("image_classifier.gateway.serve")
 
-DEFAULT_MODEL_PORT = 8501
 _STOP_GRACE_S = 10.0
 _MAX_BACKOFF_S = 30.0
 _HEALTHY_AFTER_S = 60.0  # up this long: the next crash starts again from the shortest backoff
@@ -123,22 +122,21 @@ class ModelServerProcess:
             )
         logger.info("model server started (pid %d): %s", self.process.pid, " ".join(self.command))
 
-    def model_state(self, client: httpx.Client) -> str | None:
+    def model_state(self, client: httpx.Client) -> tuple[str | None, str]:
+        """(state, load error) from the status endpoint; (None, "") while it does not answer."""
         try:
-            response = client.get(f"{self.url}/v1/models/{self.model_name}")
-            body = response.json()
+            body = client.get(f"{self.url}/v1/models/{self.model_name}").json()
         except (httpx.HTTPError, ValueError):
-            return None
-        states = (
-            [
-                entry.get("state")
-                for entry in body.get("model_version_status", [])
-                if isinstance(entry, dict)
-            ]
-            if isinstance(body, dict)
-            else []
-        )
-        return "AVAILABLE" if "AVAILABLE" in states else (states[0] if states else None)
+            return None, ""
+        entries = body.get("model_version_status", []) if isinstance(body, dict) else []
+        entries = [e for e in entries if isinstance(e, dict)]
+        if any(e.get("state") == "AVAILABLE" for e in entries):
+            return "AVAILABLE", ""
+        for entry in entries:
+            status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
+            if status.get("error_code", "OK") not in ("OK", 0):
+                return entry.get("state"), str(status.get("error_message") or status)
+        return (entries[0].get("state") if entries else None), ""
 
     def wait_until_available(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -150,8 +148,12 @@ class ModelServerProcess:
                         f"the model server exited with status {process.returncode} before the "
                         "model became AVAILABLE (its log is above)"
                     )
-                if self.model_state(client) == "AVAILABLE":
+                state, error = self.model_state(client)
+                if state == "AVAILABLE":
                     return
+                if error:
+                    # The server would retry the load for minutes; the export is what to fix.
+                    raise ServeError(f"the model server could not load the model: {error}")
                 if time.monotonic() > deadline:
                     raise ServeError(
                         f"the model server did not report {self.model_name!r} AVAILABLE "
@@ -247,37 +249,6 @@ def _banner(settings: GatewaySettings, model: ModelServerProcess) -> str:
             "  Press Ctrl-C to stop both.",
             "",
         ]
-    )
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="gateway interface (default 127.0.0.1; 0.0.0.0 for all)"
-    )
-    parser.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
-    parser.add_argument(
-        "--model-base-path",
-        default=DEFAULT_MODEL_BASE_PATH,
-        help=f"exported model (default {DEFAULT_MODEL_BASE_PATH})",
-    )
-    parser.add_argument("--model-name", default=MODEL_NAME, help=f"default {MODEL_NAME}")
-    parser.add_argument(
-        "--model-port",
-        type=int,
-        default=DEFAULT_MODEL_PORT,
-        help=f"model server REST port on 127.0.0.1 (default {DEFAULT_MODEL_PORT})",
-    )
-    parser.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=180.0,
-        help="seconds to wait for the model to load (default 180)",
-    )
-    parser.add_argument(
-        "--no-restart", action="store_true", help="do not restart the model server if it dies"
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends
 
 from image_classifier.gateway.backends import Backend
@@ -60,7 +62,7 @@ async def model_info(backend: BackendDep, settings: SettingsDep) -> ModelInfo:
     )
 
 
-async def _signatures(backend: Backend, version: str) -> dict | None:
+async def _signatures(backend: Backend, version: str) -> dict[str, Any] | None:
     try:
         return await backend.signatures(version)
     except BackendError:
