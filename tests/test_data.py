@@ -147,3 +147,15 @@ def test_tf_pipeline_augments_only_in_training() -> None:
     np.testing.assert_array_equal(first, again)  # the seed makes augmentation reproducible
     assert not np.allclose(first, images)  # shuffled and augmented
     assert tf.reduce_all(tf.shape(first) == (80, 32, 32, 3))
+
+
+def test_download_fallback_says_what_to_do_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    keras = pytest.importorskip("keras", reason="the fallback downloads through keras.datasets")
+    from image_classifier.data import load_keras_cifar10
+
+    def offline() -> None:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
+    with pytest.raises(DatasetError, match="no internet access.*--data-dir"):
+        load_keras_cifar10()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Sequence
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +141,6 @@ def load_image_folder(root: str | os.PathLike[str], *, workers: int = 4) -> Data
     Files that are not decodable images are skipped with a warning line on stderr (a folder of
     user pictures often holds a stray thumbnail database or a broken download).
     """
-    import sys
-
     base = Path(root)
     if not base.is_dir():
         raise DatasetError(f"image folder not found: {base}")
@@ -274,7 +272,3 @@ def make_tf_dataset(
     ds = ds.batch(batch_size, drop_remainder=False)
     ds = ds.map(lambda x, y: (tf_normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def class_counts(labels: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
-    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from image_classifier.constants import CONFUSION_FILE
 from image_classifier.data import Dataset, load_splits
 from image_classifier.preprocess import normalize
 from image_classifier.servable import Servable, load_servable
@@ -97,7 +98,7 @@ def evaluate(
     else:
         dataset, split = splits.validation, "validation"
     report = evaluate_servable(servable, dataset, split=split)
-    target = Path(confusion_png) if confusion_png else servable.path / "confusion_matrix.png"
+    target = Path(confusion_png) if confusion_png else servable.path / CONFUSION_FILE
     try:
         plot_confusion_matrix(report.confusion_matrix, servable.class_names, target)
     except OSError:

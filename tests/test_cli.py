@@ -1,0 +1,112 @@
+"""The `image-classifier` command: help texts, and train -> evaluate -> make-request as a user."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from image_classifier.cli import build_parser, main
+from synthetic import encode, synthetic_images, write_cifar_batches
+
+SUBCOMMANDS = (
+    "train",
+    "evaluate",
+    "model-server",
+    "make-request",
+    "gateway",
+    "serve",
+    "predict",
+)
+
+
+def test_entry_point_help_lists_every_subcommand() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "image_classifier.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for name in SUBCOMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_explains_itself(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([name, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"image-classifier {name}" in text
+    assert len(text.splitlines()) > 3  # a description and options, not just a usage line
+
+
+def test_missing_model_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["evaluate", "--model-dir", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no model version under")
+    assert "Traceback" not in err
+
+
+def test_make_request_writes_tf_serving_body(tmp_path: Path) -> None:
+    picture = tmp_path / "cat.png"
+    picture.write_bytes(encode(synthetic_images([3])[0], "PNG"))
+    output = tmp_path / "test_data.json"
+    assert main(["make-request", str(picture), "-o", str(output)]) == 0
+    body = json.loads(output.read_text())
+    assert list(body) == ["instances"]
+    instance = body["instances"][0]
+    assert len(instance) == 32 and len(instance[0]) == 32 and len(instance[0][0]) == 3
+    assert main(["make-request", str(tmp_path / "missing.png"), "-o", str(output)]) == 2
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("tensorflow", reason="training needs TensorFlow")
+    data = write_cifar_batches(tmp_path / "cifar", per_batch=40, with_test=True)
+    models = tmp_path / "models"
+    common = ["--data-dir", str(data)]
+    code = main(
+        [
+            "train",
+            *common,
+            "--model-base-path",
+            str(models),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--validation-size",
+            "40",
+            "--precision",
+            "float32",
+            "--stem-filters",
+            "8,16",
+            "--tcn-filters",
+            "16",
+            "--no-flip-tta",
+        ]
+    )
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert json.loads(summary[summary.index("{") :])["export_dir"].endswith("1")
+    assert (models / "1" / "saved_model.pb").exists()
+    card = json.loads((models / "1" / "metadata.json").read_text())
+    assert card["model_config"]["tcn_filters"] == 16
+    assert card["test_time_augmentation"] == "none"
+
+    assert main(["evaluate", "--model-dir", str(models), *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"] == "test" and report["num_images"] == 40
+    assert set(report["per_class_accuracy"]) >= {"airplane", "truck"}
+    assert (models / "1" / "confusion_matrix.png").exists()
