@@ -110,3 +110,8 @@ def test_train_then_evaluate_from_the_command_line(
     assert report["split"] == "test" and report["num_images"] == 40
     assert set(report["per_class_accuracy"]) >= {"airplane", "truck"}
     assert (models / "1" / "confusion_matrix.png").exists()
+    saved = json.loads((models / "1" / "evaluation_test.json").read_text())
+    assert saved["accuracy"] == report["accuracy"]
+
+    assert main(["evaluate", "--model-dir", str(models), *common, "--split", "validation"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == 40

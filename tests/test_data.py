@@ -157,5 +157,5 @@ def test_download_fallback_says_what_to_do_offline(monkeypatch: pytest.MonkeyPat
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
-    with pytest.raises(DatasetError, match="no internet access.*--data-dir"):
+    with pytest.raises(DatasetError, match=r"no internet access.*--data-dir"):
         load_keras_cifar10()

@@ -173,6 +173,12 @@ def _add_evaluate(subparsers: Any) -> None:
     p.add_argument("--data-dir", help="cifar-10-batches-py directory or image folder")
     p.add_argument("--version", type=int)
     p.add_argument("--confusion-png", help="default: confusion_matrix.png in the version dir")
+    p.add_argument(
+        "--split",
+        choices=["auto", "test", "validation"],
+        default="auto",
+        help="auto (default): test_batch when the data has one, else the validation split",
+    )
     p.add_argument("--matrix", action="store_true", help="include the confusion matrix in JSON")
     p.set_defaults(func=_run_evaluate)
 
@@ -181,7 +187,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from image_classifier.evaluate import evaluate
 
     report = evaluate(
-        args.model_dir, args.data_dir, version=args.version, confusion_png=args.confusion_png
+        args.model_dir,
+        args.data_dir,
+        version=args.version,
+        confusion_png=args.confusion_png,
+        split=args.split,
     )
     result = report.to_dict()
     if not args.matrix:

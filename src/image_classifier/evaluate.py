@@ -5,15 +5,17 @@ Reports overall and per-class accuracy (JSON) and writes a confusion-matrix PNG.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from image_classifier.constants import CONFUSION_FILE
 from image_classifier.data import Dataset, load_splits
+from image_classifier.errors import DatasetError
 from image_classifier.preprocess import normalize
 from image_classifier.servable import Servable, load_servable
 
@@ -80,11 +82,14 @@ def evaluate(
     validation_size: int | None = None,
     seed: int | None = None,
     confusion_png: str | os.PathLike[str] | None = None,
+    split: Literal["auto", "test", "validation"] = "auto",
 ) -> EvaluationReport:
-    """Evaluate on the test set when the data has one, else on the validation split.
+    """Evaluate on the test set when the data has one (``split="auto"``), else on validation.
 
     The validation split is recreated with the size and seed recorded in the export's model
-    card, so it is the same held-out data the model was selected on.
+    card, so it is the same held-out data the model was selected on. The confusion-matrix PNG
+    and ``evaluation_<split>.json`` are written into the version directory (files TF Serving
+    ignores) unless ``confusion_png`` names another place.
     """
     from image_classifier.plots import plot_confusion_matrix
 
@@ -93,15 +98,19 @@ def evaluate(
     size = validation_size or card.get("data", {}).get("validation_images") or 5000
     split_seed = seed if seed is not None else card.get("data", {}).get("validation_seed", 0)
     splits = load_splits(data_dir, validation_size=int(size), seed=int(split_seed))
-    if splits.test is not None:
-        dataset, split = splits.test, "test"
+    if split == "test" and splits.test is None:
+        raise DatasetError("the data has no test set (test_batch); use --split validation")
+    if split in ("auto", "test") and splits.test is not None:
+        report = evaluate_servable(servable, splits.test, split="test")
     else:
-        dataset, split = splits.validation, "validation"
-    report = evaluate_servable(servable, dataset, split=split)
+        report = evaluate_servable(servable, splits.validation, split="validation")
     target = Path(confusion_png) if confusion_png else servable.path / CONFUSION_FILE
+    summary = json.dumps(report.to_dict(), indent=2) + "\n"
     try:
         plot_confusion_matrix(report.confusion_matrix, servable.class_names, target)
+        (target.parent / f"evaluation_{report.split}.json").write_text(summary, encoding="utf-8")
     except OSError:
-        # A read-only export (e.g. mounted into a container): write beside the working dir.
+        # A read-only export (e.g. mounted into a container): write to the working directory.
         plot_confusion_matrix(report.confusion_matrix, servable.class_names, target.name)
+        Path(f"evaluation_{report.split}.json").write_text(summary, encoding="utf-8")
     return report
