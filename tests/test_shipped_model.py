@@ -1,0 +1,60 @@
+"""The model the repository ships: present, small, loadable, and as accurate as its card says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from image_classifier.constants import (
+    CIFAR10_CLASSES,
+    CONFUSION_FILE,
+    CURVES_FILE,
+    HISTORY_FILE,
+    METADATA_FILE,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "saved_models" / "image_classifier" / "1"
+CIFAR_DIR = ROOT.parent / "shared" / "datasets" / "cifar-10-batches-py"
+
+
+def test_shipped_version_is_complete_and_small() -> None:
+    assert (SHIPPED / "saved_model.pb").is_file()
+    for name in (METADATA_FILE, HISTORY_FILE, CURVES_FILE, CONFUSION_FILE):
+        assert (SHIPPED / name).is_file(), name
+    total = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    assert total < 8 * 1024 * 1024, f"shipped model is {total / 1e6:.1f} MB"
+
+
+def test_model_card_records_what_the_readme_reports() -> None:
+    card = json.loads((SHIPPED / METADATA_FILE).read_text())
+    assert tuple(card["class_names"]) == CIFAR10_CLASSES
+    architecture = card["architecture"]
+    assert architecture["receptive_field"] >= architecture["sequence_length"]
+    assert card["training"]["training_seconds"] <= 3600  # the 60-minute CPU budget
+    assert card["training"]["hardware"]["gpus"] == 0
+    assert card["data"]["validation_images"] == 5000
+    assert card["metrics"]["validation_accuracy"] >= 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_validation_accuracy_through_the_serving_signature() -> None:
+    """Re-measure on the held-out split; needs ../shared (the real CIFAR-10 training set)."""
+    if not (CIFAR_DIR / "data_batch_1").exists():
+        pytest.skip(f"needs the real CIFAR-10 batches at {CIFAR_DIR}")
+    pytest.importorskip("tensorflow", reason="the export is a TensorFlow SavedModel")
+    from image_classifier.data import load_splits
+    from image_classifier.evaluate import evaluate_servable
+    from image_classifier.servable import load_servable
+
+    servable = load_servable(SHIPPED)
+    splits = load_splits(CIFAR_DIR, validation_size=5000, seed=0)
+    assert np.bincount(splits.validation.labels).tolist() == [500] * 10
+    report = evaluate_servable(servable, splits.validation, split="validation")
+    recorded = json.loads((SHIPPED / "evaluation_validation.json").read_text())
+    assert report.accuracy == pytest.approx(recorded["accuracy"], abs=1e-3)
+    assert report.accuracy >= 0.85
