@@ -17,7 +17,8 @@
    antialiasing (triangle) filter. Center-crop rather than squash: CIFAR-10 objects are centered
    and shown at their true aspect ratio, so squashing a 4:3 photo stretches the object by a third,
    a distortion the model never saw in training, while the crop only trims background at the
-   edges. (Measured on the validation split by ``benchmarks/resize_policy.py``.)
+   edges. ``benchmarks/resize_policy.py`` measures both on validation images framed 4:3 and
+   3:4 with background around the object: center-crop 85.6%, squash 82.8-83.8%.
 6. **Normalize** to float32 in [0, 1] (``/ 255``). Standardization (mean/std) lives inside the
    model, so every caller sends the same [0, 1] contract.
 
