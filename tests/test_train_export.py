@@ -66,6 +66,7 @@ def test_export_layout_is_what_tf_serving_loads(trained: TrainResult) -> None:
     assert card["architecture"]["parameters"] > 0
     assert card["architecture"]["receptive_field"] >= card["architecture"]["sequence_length"]
     assert 0.0 <= card["metrics"]["validation_accuracy"] <= 1.0
+
     assert card["training"]["training_seconds"] > 0
     assert card["training"]["hardware"]["cores"] >= 1
     assert card["data"]["validation_images"] == 60
@@ -208,4 +209,7 @@ def test_evaluate_uses_the_serving_signature(
     splits = load_splits(cifar_dir, validation_size=60)
     predicted = servable.predict(splits.validation.images / np.float32(255)).argmax(axis=1)
     assert report.accuracy == pytest.approx(float((predicted == splits.validation.labels).mean()))
+    # The trainer's "served" figure is this same measurement, taken before the export existed.
+    card = json.loads((trained.export_dir / METADATA_FILE).read_text())
+    assert card["metrics"]["validation_accuracy_served"] == pytest.approx(report.accuracy, abs=1e-4)
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -74,6 +74,18 @@ def float32_copy(model: keras.Model, config: ModelConfig) -> keras.Model:
     return copy
 
 
+def serving_probabilities(model: keras.Model, images: Any, *, flip_tta: bool) -> tf.Tensor:
+    """What the signatures compute from [0, 1] images: softmax, optionally mirror-averaged."""
+    import tensorflow as tf
+
+    probs = tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
+    if flip_tta:
+        # Averaging with the mirror image: CIFAR classes are left-right symmetric.
+        mirrored = model(tf.reverse(images, axis=[2]), training=False)
+        probs = (probs + tf.nn.softmax(tf.cast(mirrored, tf.float32))) / 2.0
+    return probs
+
+
 def make_serving_module(
     model: keras.Model, class_names: tuple[str, ...], *, flip_tta: bool, assets_dir: Path
 ) -> tuple[tf.Module, dict[str, Any]]:
@@ -91,14 +103,7 @@ def make_serving_module(
     module.class_names = tf.saved_model.Asset(str(names_file))
 
     def probabilities(images: tf.Tensor) -> tf.Tensor:
-        probs = tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
-        if flip_tta:
-            # Averaging with the mirror image: CIFAR classes are left-right symmetric.
-            mirrored = tf.nn.softmax(
-                tf.cast(model(tf.reverse(images, axis=[2]), training=False), tf.float32)
-            )
-            probs = (probs + mirrored) / 2.0
-        return probs
+        return serving_probabilities(model, images, flip_tta=flip_tta)
 
     @tf.function(
         input_signature=[

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from image_classifier.constants import (
+    BYTES_INPUT_KEY,
     CLASS_NAMES_ASSET,
     INPUT_KEY,
     METADATA_FILE,
@@ -52,8 +53,6 @@ class Servable:
     def predict_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
         """Encoded images through the in-graph decoder signature."""
         import tensorflow as tf
-
-        from image_classifier.constants import BYTES_INPUT_KEY
 
         batch = tf.constant(list(encoded), dtype=tf.string)
         return self.signatures[SERVING_BYTES](**{BYTES_INPUT_KEY: batch})[OUTPUT_KEY].numpy()
