@@ -28,6 +28,7 @@ from image_classifier.preprocess import (
     MAX_PIXELS,
     MAX_SIDE,
     center_crop_box,
+    check_encoded_pixels,
     decode_image,
     normalize,
     preprocess_image,
@@ -687,3 +688,14 @@ def test_tf_decode_and_resize_in_a_graph(tf) -> None:
 def test_tf_normalize_matches_normalize(tf) -> None:
     levels = np.arange(256, dtype=np.uint8)
     np.testing.assert_array_equal(tf_normalize(tf.constant(levels)).numpy(), normalize(levels))
+
+
+def test_encoded_pixel_check_counts_gif_frames_and_passes_unknown_bytes() -> None:
+    frames = [Image.new("RGB", (100, 100), colour) for colour in ("red", "blue", "green")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    gif = buffer.getvalue()
+    check_encoded_pixels(gif, max_pixels=30_000)  # 3 x 10,000 pixels: allowed
+    with pytest.raises(ImageTooLargeError, match=r"30,000 pixels \(100x100 x 3 frames\)"):
+        check_encoded_pixels(gif, max_pixels=29_999)
+    check_encoded_pixels(b"not an image", max_pixels=1)  # the decoder's to judge

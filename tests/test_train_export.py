@@ -127,9 +127,7 @@ def test_bytes_signature_agrees_with_float_path(trained: TrainResult) -> None:
     np.testing.assert_allclose(from_bytes, from_floats, atol=0.02)
 
 
-def test_next_run_writes_next_version(
-    cifar_dir: Path, trained: TrainResult, tmp_path: Path
-) -> None:
+def test_next_run_writes_next_version(trained: TrainResult) -> None:
     base = trained.export_dir.parent
     model = build_model(TINY_MODEL)
     second = export_model(model, TINY_MODEL, base, class_names=CIFAR10_CLASSES, metadata={})

@@ -64,6 +64,31 @@ _OPEN_FORMATS: Final = tuple(f for f in SUPPORTED_FORMATS if f != "MPO")
 _DRAFT_SIZE: Final = (IMAGE_SIZE * 2, IMAGE_SIZE * 2)
 
 
+def check_encoded_pixels(data: bytes, *, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse, from the header alone, bytes that would decode to more than ``max_pixels``.
+
+    For decoders without our guard (the in-graph ``serving_bytes`` path): all frames of a GIF
+    count, since TensorFlow's GIF decoder materializes every frame. Bytes Pillow cannot identify
+    pass, leaving the verdict to the decoder that follows.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                frames = getattr(image, "n_frames", 1) if image.format == "GIF" else 1
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(f"the image has too many pixels (limit {max_pixels:,})") from None
+    except Exception:
+        return
+    pixels = width * height * frames
+    if pixels > max_pixels:
+        shape = f"{width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
+        raise ImageTooLargeError(
+            f"the image decodes to {pixels:,} pixels ({shape}), over the limit of {max_pixels:,}"
+        )
+
+
 def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode, check, orient and convert encoded image bytes to an RGB Pillow image.
 

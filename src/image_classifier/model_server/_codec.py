@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -31,8 +29,10 @@ from typing import Any, Final
 import numpy as np
 
 from image_classifier.client import json_floats
+from image_classifier.errors import ImageTooLargeError
 from image_classifier.model_server._errors import InvalidArgumentError, UnimplementedError
 from image_classifier.model_server._signatures import NUMPY_DTYPES, Signature, TensorInfo
+from image_classifier.preprocess import check_encoded_pixels
 
 INSTANCES: Final = "instances"
 INPUTS: Final = "inputs"
@@ -343,14 +343,11 @@ def _check_shape(shape: tuple[int, ...], info: TensorInfo, signature: str, *, ro
 
 
 def check_image_sizes(inputs: Mapping[str, np.ndarray], max_pixels: int) -> None:
-    """Refuse encoded images that would decode to more than ``max_pixels`` (x frames for GIFs).
+    """Refuse encoded images that would decode to more than ``max_pixels``.
 
     The bytes signature decodes in-graph with no size limit, so a small PNG of a huge blank
-    canvas would be a memory bomb. Only the header is read here (Pillow opens lazily); bytes
-    Pillow cannot identify are left for the graph's decoder to accept or refuse.
+    canvas would be a memory bomb; :func:`preprocess.check_encoded_pixels` reads headers only.
     """
-    from PIL import Image
-
     for key, array in inputs.items():
         if array.dtype != object:
             continue
@@ -358,22 +355,9 @@ def check_image_sizes(inputs: Mapping[str, np.ndarray], max_pixels: int) -> None
             if not isinstance(data, bytes):
                 continue
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    with Image.open(io.BytesIO(data)) as image:
-                        width, height = image.size
-                        frames = getattr(image, "n_frames", 1) if image.format == "GIF" else 1
-            except Image.DecompressionBombError:
-                width, height, frames = max_pixels + 1, 1, 1
-            except Exception:  # not an image Pillow knows: the graph's decoder has the last word
-                continue
-            if width * height * frames > max_pixels:
-                raise InvalidArgumentError(
-                    f"input '{key}' value {index}: the image decodes to "
-                    f"{width * height * frames:,} pixels ({width}x{height}"
-                    f"{f' x {frames} frames' if frames > 1 else ''}), over the limit of "
-                    f"{max_pixels:,}"
-                )
+                check_encoded_pixels(data, max_pixels=max_pixels)
+            except ImageTooLargeError as exc:
+                raise InvalidArgumentError(f"input '{key}' value {index}: {exc}") from None
 
 
 # --- response ----------------------------------------------------------------------------------
