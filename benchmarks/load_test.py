@@ -144,7 +144,8 @@ def spawned_serve(model_base_path: str) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "image_classifier.gateway.serve",
+            "image_classifier",
+            "serve",
             "--port",
             str(port),
             "--model-port",

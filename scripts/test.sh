@@ -16,5 +16,7 @@ fi
 
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
+# Strict type checking of the package (settings in pyproject.toml, [tool.mypy]).
+.venv/bin/mypy
 # Every test must run here: a skip (missing browser, TensorFlow, dataset) counts as a failure.
 IMAGE_CLASSIFIER_STRICT_SKIPS=1 .venv/bin/python -m pytest "$@"

@@ -246,7 +246,7 @@ def tiny_export() -> Callable[..., Any]:
 
 @dataclasses.dataclass
 class RunningModelServer:
-    """A ``python -m image_classifier.model_server`` subprocess listening on 127.0.0.1."""
+    """A ``python -m image_classifier model-server`` subprocess listening on 127.0.0.1."""
 
     url: str  # http://127.0.0.1:PORT
     port: int
@@ -284,6 +284,7 @@ def start_model_server(
     import httpx
 
     from image_classifier.constants import MODEL_NAME
+    from image_classifier.tfserving.status import AVAILABLE, parse_status_body
 
     started: list[RunningModelServer] = []
 
@@ -293,7 +294,7 @@ def start_model_server(
             port = int(probe.getsockname()[1])
         log_path = tmp_path_factory.mktemp("model_server_log") / "server.log"
         command = [
-            sys.executable, "-m", "image_classifier.model_server",
+            sys.executable, "-m", "image_classifier", "model-server",
             "--rest_api_port", str(port),
             "--model_name", MODEL_NAME,
             "--model_base_path", str(base),
@@ -311,8 +312,7 @@ def start_model_server(
                 pytest.fail(f"model server exited with {process.returncode}:\n{server.log()}")
             try:
                 body = httpx.get(f"{server.url}/v1/models/{MODEL_NAME}", timeout=5).json()
-                states = [s.get("state") for s in body.get("model_version_status", [])]
-                if "AVAILABLE" in states:
+                if any(s.state == AVAILABLE for s in parse_status_body(body)):
                     return server
             except (httpx.HTTPError, ValueError):
                 pass  # not listening yet (it loads the model before opening the port)

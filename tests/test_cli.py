@@ -25,7 +25,7 @@ SUBCOMMANDS = (
 
 def test_entry_point_help_lists_every_subcommand() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "image_classifier.cli", "--help"],
+        [sys.executable, "-m", "image_classifier", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -35,6 +35,13 @@ from image_classifier.constants import (
     NUM_CLASSES,
     OUTPUT_KEY,
     SERVING_DEFAULT,
+)
+from image_classifier.tfserving.config import (
+    ConfigError,
+    parse_batching_parameters,
+    parse_monitoring_config,
+    read_text_proto,
+    validate_batching_parameters,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,86 +315,35 @@ def test_copy_source_exists_in_repo(dockerfile: Path, source: str) -> None:
 
 # --- .dockerignore ------------------------------------------------------------------------------
 
-
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    """Docker's .dockerignore glob (Go filepath.Match plus `**`) as a regex."""
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "*":
-            out, i = out + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            out, i = out + "[^/]", i + 1
-        elif pattern[i] == "[":
-            end = pattern.index("]", i)
-            body = pattern[i + 1 : end]
-            out += "[" + ("^" + body[1:] if body.startswith("^") else body) + "]"
-            i = end + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out)
-
-
-def dockerignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
-    """(is_exception, regex) per line, in order; the last matching rule wins."""
-    rules = []
-    for raw in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        exception = line.startswith("!")
-        pattern = str(PurePosixPath(line.lstrip("!").strip().lstrip("/")))
-        rules.append((exception, _pattern_regex(pattern)))
-    return rules
-
-
-def is_ignored(path: str) -> bool:
-    """Whether Docker leaves `path` (relative, POSIX) out of the build context.
-
-    Like Docker, a rule matches a path when it matches the path or any of its parent directories.
-    """
-    parts = PurePosixPath(path).parts
-    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
-    ignored = False
-    for exception, regex in dockerignore_rules():
-        if any(regex.fullmatch(c) for c in candidates):
-            ignored = not exception
-    return ignored
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        ".venv/bin/python",
-        ".venv/lib/python3.11/site-packages/tensorflow/__init__.py",
-        ".git/HEAD",
-        ".pytest_cache/v/cache/nodeids",
-        ".ruff_cache/0.5.0/cache",
-        ".hypothesis/examples/0a/1b",
-        "tests/__pycache__/test_docker.cpython-311-pytest-9.2.0.pyc",
-        "src/image_classifier/__pycache__/constants.cpython-311.pyc",
-        "src/image_classifier.egg-info/PKG-INFO",
-        "tests/test_docker.py",
-        "data/cifar-10-batches-py/data_batch_1",
-        "datasets/cifar-10-batches-py/data_batch_1",
-        "cifar-10-batches-py/data_batch_1",
-        "cifar-10-python.tar.gz",
-        "runs/2024-01-01/checkpoint.keras",
-        "build/lib/image_classifier/__init__.py",
-        "dist/image_classifier-0.1.0-py3-none-any.whl",
-        f"{DEFAULT_MODEL_BASE_PATH}/.tmp-export-2-0123abcd/saved_model.pb",
-    ],
+# Paths the build context must leave out: environments, VCS data, caches, data sets, training runs,
+# packaging leftovers, and the hidden staging directories of an export in progress.
+KEPT_OUT_OF_CONTEXT = (
+    ".venv/bin/python",
+    ".venv/lib/python3.11/site-packages/tensorflow/__init__.py",
+    ".git/HEAD",
+    ".pytest_cache/v/cache/nodeids",
+    ".ruff_cache/0.5.0/cache",
+    ".hypothesis/examples/0a/1b",
+    "tests/__pycache__/test_docker.cpython-311-pytest-9.2.0.pyc",
+    "src/image_classifier/__pycache__/constants.cpython-311.pyc",
+    "src/image_classifier.egg-info/PKG-INFO",
+    "tests/test_docker.py",
+    "data/cifar-10-batches-py/data_batch_1",
+    "datasets/cifar-10-batches-py/data_batch_1",
+    "cifar-10-batches-py/data_batch_1",
+    "cifar-10-python.tar.gz",
+    "runs/2024-01-01/checkpoint.keras",
+    "build/lib/image_classifier/__init__.py",
+    "dist/image_classifier-0.1.0-py3-none-any.whl",
+    f"{DEFAULT_MODEL_BASE_PATH}/.tmp-export-2-0123abcd/saved_model.pb",
 )
-def test_dockerignore_excludes(path: str) -> None:
-    assert is_ignored(path), f"{path} would be sent to the Docker build context"
 
 
-def test_dockerignore_keeps_every_copy_source() -> None:
+def needed_in_context() -> list[str]:
+    """Every COPY source, plus files inside them that the images cannot do without."""
     needed = [source.rstrip("/") for _, source in copy_sources()]
-    needed += [
+    return [
+        *needed,
         f"{DEFAULT_MODEL_BASE_PATH}/1/saved_model.pb",
         f"{DEFAULT_MODEL_BASE_PATH}/1/variables/variables.index",
         f"{DEFAULT_MODEL_BASE_PATH}/1/assets/class_names.txt",
@@ -395,8 +351,70 @@ def test_dockerignore_keeps_every_copy_source() -> None:
         "docker/tf_serving/batching.config",
         "docker/tf_serving/monitoring.config",
     ]
-    kept_out = [path for path in needed if is_ignored(path)]
+
+
+def dockerignore_patterns() -> list[str]:
+    """The patterns as the docker SDK's APIClient.build reads them: stripped, no blanks, no #."""
+    lines = [line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def context_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in repository holding every path the tests below ask about (empty files).
+
+    Paths that are directories in the real repository (COPY sources such as src/) are made as
+    directories, so the matcher sees the same shape as in a real build.
+    """
+    root = tmp_path_factory.mktemp("context")
+    for path in (*KEPT_OUT_OF_CONTEXT, *needed_in_context()):
+        target = root / path
+        if (ROOT / path).is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+    return root
+
+
+def build_context(root: Path, patterns: list[str]) -> set[str]:
+    """Relative paths (files and directories) a build of `root` sends to the Docker engine.
+
+    docker.utils.build.exclude_paths is the docker SDK's port of moby's .dockerignore matcher,
+    used by the SDK when it packs a build context; it walks the tree, so an excluded directory
+    takes its contents with it, and a later `!` rule can bring a path back.
+    """
+    from docker.utils.build import exclude_paths
+
+    return exclude_paths(str(root), list(patterns))  # it appends to the list it is given
+
+
+@pytest.fixture(scope="module")
+def dockerignore_context(context_tree: Path) -> set[str]:
+    return build_context(context_tree, dockerignore_patterns())
+
+
+@pytest.mark.parametrize("path", KEPT_OUT_OF_CONTEXT)
+def test_dockerignore_excludes(dockerignore_context: set[str], path: str) -> None:
+    assert path not in dockerignore_context, f"{path} would be sent to the Docker build context"
+
+
+def test_dockerignore_keeps_every_copy_source(dockerignore_context: set[str]) -> None:
+    kept_out = [path for path in needed_in_context() if path not in dockerignore_context]
     assert not kept_out, f".dockerignore excludes what a COPY needs: {kept_out}"
+
+
+def test_dockerignore_matcher_is_not_vacuous(
+    context_tree: Path, dockerignore_context: set[str]
+) -> None:
+    # Without patterns every path of the stand-in tree is sent: the tree holds what the tests
+    # above ask about, so their verdicts come from the patterns, not from missing files.
+    everything = build_context(context_tree, [])
+    assert {".git/HEAD", "src/image_classifier/__init__.py"} <= everything
+    # With .dockerignore the allowlist keeps package sources and drops the rest.
+    assert "src/image_classifier/__init__.py" in dockerignore_context
+    assert ".git/HEAD" not in dockerignore_context
+    assert dockerignore_context < everything
 
 
 # --- compose.yaml -------------------------------------------------------------------------------
@@ -654,111 +672,120 @@ def test_gateway_healthcheck_fails_when_nothing_listens(compose) -> None:
 
 
 # --- TF Serving config files --------------------------------------------------------------------
+# Parsed with TF Serving's own message types (image_classifier.tfserving.config), so a field the
+# server does not know, or a value of the wrong type, fails here as it would fail the server.
+
+BATCHING_CONFIG = TF_SERVING_CONFIG_DIR / "batching.config"
+MONITORING_CONFIG = TF_SERVING_CONFIG_DIR / "monitoring.config"
 
 
-def config_text(name: str) -> str:
-    return (TF_SERVING_CONFIG_DIR / name).read_text(encoding="utf-8")
+def test_monitoring_config_parses_as_tf_serving_monitoring_config() -> None:
+    monitoring = read_text_proto(MONITORING_CONFIG, parse_monitoring_config)
+    assert monitoring.DESCRIPTOR.full_name == "tensorflow.serving.MonitoringConfig"
+    assert monitoring.HasField("prometheus_config")
+    assert monitoring.prometheus_config.enable is True
+    # compose.yaml and the README point Prometheus at this path on the REST port.
+    assert monitoring.prometheus_config.path == "/monitoring/prometheus/metrics"
 
 
-def test_monitoring_config_has_expected_keys() -> None:
-    text = config_text("monitoring.config")
-    assert re.search(r"^\s*prometheus_config\s*\{", text, re.MULTILINE)
-    assert re.search(r"^\s*enable:\s*true\b", text, re.MULTILINE)
-    assert re.search(r'^\s*path:\s*"/monitoring/prometheus/metrics"', text, re.MULTILINE)
-
-
-def test_batching_config_has_expected_keys() -> None:
-    text = config_text("batching.config")
-    for key in (
+def test_batching_config_parses_as_tf_serving_batching_parameters() -> None:
+    batching = read_text_proto(BATCHING_CONFIG, parse_batching_parameters)
+    assert batching.DESCRIPTOR.full_name == "tensorflow.serving.BatchingParameters"
+    # Set explicitly rather than left to server defaults that may change between releases.
+    for field in (
         "max_batch_size",
         "batch_timeout_micros",
         "num_batch_threads",
         "max_enqueued_batches",
     ):
-        assert re.search(rf"^\s*{key}\s*\{{\s*value:\s*\d+\s*\}}", text, re.MULTILINE), key
-    assert re.search(r"^\s*allowed_batch_sizes:\s*\d+", text, re.MULTILINE)
-
-
-def _text_proto_messages():
-    """The fields of MonitoringConfig and BatchingParameters that the configs use, as messages.
-
-    Declared here (names and types as in tensorflow_serving's monitoring_config.proto and
-    session_bundle_config.proto) so the configs parse exactly as the model server parses them,
-    with unknown fields and type errors rejected, without installing tensorflow-serving-api.
-    """
-    descriptor_pb2 = pytest.importorskip("google.protobuf.descriptor_pb2")
-    from google.protobuf import descriptor_pool, message_factory, wrappers_pb2
-
-    field = descriptor_pb2.FieldDescriptorProto
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-    proto = descriptor_pb2.FileDescriptorProto(
-        name="test_tf_serving_configs.proto",
-        package="test_docker",
-        syntax="proto3",
-        dependency=["google/protobuf/wrappers.proto"],
-    )
-    prometheus = proto.message_type.add(name="PrometheusConfig")
-    prometheus.field.add(name="enable", number=1, type=field.TYPE_BOOL, label=field.LABEL_OPTIONAL)
-    prometheus.field.add(name="path", number=2, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
-    monitoring = proto.message_type.add(name="MonitoringConfig")
-    monitoring.field.add(
-        name="prometheus_config",
-        number=1,
-        type=field.TYPE_MESSAGE,
-        type_name=".test_docker.PrometheusConfig",
-        label=field.LABEL_OPTIONAL,
-    )
-    batching = proto.message_type.add(name="BatchingParameters")
-    wrapped = [
-        "max_batch_size",
-        "batch_timeout_micros",
-        "max_enqueued_batches",
-        "num_batch_threads",
-    ]
-    for number, name in enumerate(wrapped, start=1):
-        batching.field.add(
-            name=name,
-            number=number,
-            type=field.TYPE_MESSAGE,
-            type_name=".google.protobuf.Int64Value",
-            label=field.LABEL_OPTIONAL,
-        )
-    batching.field.add(
-        name="allowed_batch_sizes", number=6, type=field.TYPE_INT64, label=field.LABEL_REPEATED
-    )
-    batching.field.add(
-        name="pad_variable_length_inputs",
-        number=7,
-        type=field.TYPE_BOOL,
-        label=field.LABEL_OPTIONAL,
-    )
-    pool.Add(proto)
-    return (
-        message_factory.GetMessageClass(pool.FindMessageTypeByName("test_docker.MonitoringConfig")),
-        message_factory.GetMessageClass(
-            pool.FindMessageTypeByName("test_docker.BatchingParameters")
-        ),
-    )
-
-
-def test_tf_serving_configs_parse_as_text_protos() -> None:
-    monitoring_cls, batching_cls = _text_proto_messages()
-    from google.protobuf import text_format
-
-    monitoring = text_format.Parse(config_text("monitoring.config"), monitoring_cls())
-    assert monitoring.prometheus_config.enable is True
-    assert monitoring.prometheus_config.path == "/monitoring/prometheus/metrics"
-
-    batching = text_format.Parse(config_text("batching.config"), batching_cls())
+        assert batching.HasField(field), f"{BATCHING_CONFIG.name}: {field} is not set"
     max_batch = batching.max_batch_size.value
     sizes = list(batching.allowed_batch_sizes)
     # TF Serving refuses to start otherwise: increasing sizes, the last equal to max_batch_size.
+    assert sizes, "allowed_batch_sizes is empty: batches would reach the model in any size"
     assert sizes == sorted(set(sizes)) and sizes[0] >= 1 and sizes[-1] == max_batch
     assert batching.num_batch_threads.value >= 1
     assert batching.max_enqueued_batches.value >= 1
+    validate_batching_parameters(batching, str(BATCHING_CONFIG))
     # Batching adds at most this much latency to a lone request; keep it in the milliseconds.
     assert 0 <= batching.batch_timeout_micros.value <= 20_000
+
+
+@pytest.mark.parametrize(
+    ("config", "parse", "old", "new", "complaint"),
+    [
+        # A misspelt field: TF Serving stops at startup on fields its message does not have.
+        (
+            BATCHING_CONFIG,
+            parse_batching_parameters,
+            "max_batch_size {",
+            "max_batch_sise {",
+            'has no field named "max_batch_sise"',
+        ),
+        # A string where the Int64Value wrapper holds an integer.
+        (
+            BATCHING_CONFIG,
+            parse_batching_parameters,
+            "value: 4 }",
+            'value: "4" }',
+            "Couldn't parse integer",
+        ),
+        # A singular field given twice (a lenient parser would let the second one win).
+        (
+            BATCHING_CONFIG,
+            parse_batching_parameters,
+            "max_enqueued_batches { value: 32 }",
+            "max_enqueued_batches { value: 32 }\nmax_enqueued_batches { value: 64 }",
+            'multiple "max_enqueued_batches" fields',
+        ),
+        (
+            BATCHING_CONFIG,
+            parse_batching_parameters,
+            "pad_variable_length_inputs: false",
+            "pad_variable_length_inputs: 2",
+            'Expected "true" or "false"',
+        ),
+        (
+            MONITORING_CONFIG,
+            parse_monitoring_config,
+            "enable: true",
+            "enable: yes",
+            'Expected "true" or "false"',
+        ),
+        (
+            MONITORING_CONFIG,
+            parse_monitoring_config,
+            "prometheus_config {",
+            "prometheus {",
+            'has no field named "prometheus"',
+        ),
+    ],
+    ids=[
+        "unknown-field",
+        "string-for-int",
+        "repeated-singular-field",
+        "int-for-bool",
+        "word-for-bool",
+        "unknown-message",
+    ],
+)
+def test_broken_tf_serving_config_is_refused(
+    tmp_path: Path,
+    config: Path,
+    parse: Callable[[str, str], object],
+    old: str,
+    new: str,
+    complaint: str,
+) -> None:
+    text = config.read_text(encoding="utf-8")
+    assert text.count(old) == 1, f"{config.name} changed: update this test's edit of it"
+    broken = tmp_path / config.name
+    broken.write_text(text.replace(old, new), encoding="utf-8")
+    read_text_proto(config, parse)  # the shipped file itself parses
+    with pytest.raises(ConfigError) as caught:
+        read_text_proto(broken, parse)
+    assert str(caught.value).startswith(f"{broken}: ")
+    assert complaint in str(caught.value)
 
 
 # --- the model the server image ships -----------------------------------------------------------

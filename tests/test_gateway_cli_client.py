@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,16 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from image_classifier.cli import main
 from image_classifier.constants import CIFAR10_CLASSES
-from image_classifier.gateway.cli_client import predict_main
 
 Pictures = dict[str, tuple[str, bytes, str]]
 
 
-def run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    status = predict_main(argv, stdout=out, stderr=err)
-    return status, out.getvalue(), err.getvalue()
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]) -> Callable[[list[str]], tuple[int, str, str]]:
+    """``run(argv) -> (exit status, stdout, stderr)`` of ``image-classifier predict ARGV``."""
+
+    def run_predict(argv: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        status = main(["predict", *argv])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run_predict
 
 
 @pytest.fixture
@@ -36,6 +42,7 @@ def test_prints_a_table_per_image(
     gateway_live_url: str,
     picture_files: dict[str, Path],
     gateway_expected: Callable[[bytes], np.ndarray],
+    run: Callable[[list[str]], tuple[int, str, str]],
 ) -> None:
     paths = [str(picture_files["jpeg"]), str(picture_files["png"])]
 
@@ -51,7 +58,9 @@ def test_prints_a_table_per_image(
 
 
 def test_json_output_is_the_gateway_answer(
-    gateway_live_url: str, picture_files: dict[str, Path]
+    gateway_live_url: str,
+    picture_files: dict[str, Path],
+    run: Callable[[list[str]], tuple[int, str, str]],
 ) -> None:
     status, out, _ = run([str(picture_files["png"]), "--url", gateway_live_url, "--json"])
 
@@ -63,7 +72,10 @@ def test_json_output_is_the_gateway_answer(
 
 
 def test_bad_and_missing_images_fail_alone(
-    gateway_live_url: str, picture_files: dict[str, Path], tmp_path: Path
+    gateway_live_url: str,
+    picture_files: dict[str, Path],
+    tmp_path: Path,
+    run: Callable[[list[str]], tuple[int, str, str]],
 ) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not a jpeg")
@@ -80,7 +92,9 @@ def test_bad_and_missing_images_fail_alone(
 
 
 def test_unreachable_gateway_is_explained(
-    picture_files: dict[str, Path], gateway_free_port: Callable[[], int]
+    picture_files: dict[str, Path],
+    gateway_free_port: Callable[[], int],
+    run: Callable[[list[str]], tuple[int, str, str]],
 ) -> None:
     url = f"http://127.0.0.1:{gateway_free_port()}"
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 Pictures = dict[str, tuple[str, bytes, str]]
 
-SERVE = [sys.executable, "-m", "image_classifier.gateway.serve"]
+SERVE = [sys.executable, "-m", "image_classifier", "serve"]
 
 
 @dataclass

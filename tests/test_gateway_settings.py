@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import image_classifier.gateway as gateway
+from image_classifier.cli import main
 from image_classifier.gateway import GatewaySettings, SettingsError, load_settings
-from image_classifier.gateway.run import gateway_main
 
 _ENV_NAMES = (
     "TF_SERVING_URL",
@@ -128,7 +128,7 @@ def test_gateway_command_refuses_bad_settings_at_start_up(
 ) -> None:
     monkeypatch.setenv("GATEWAY_DEFAULT_TOP_K", "99")
 
-    status = gateway_main(["--port", "8123"])
+    status = main(["gateway", "--port", "8123"])
 
     assert status == 2
     err = capsys.readouterr().err
@@ -160,7 +160,8 @@ def test_gateway_imports_and_builds_without_tensorflow() -> None:
         """
         import image_classifier.gateway as g
         from image_classifier.gateway import create_app, load_settings
-        from image_classifier.gateway import cli_client, serve, run, backends, pipeline
+        from image_classifier.gateway import backends, pipeline, server
+        from image_classifier import cli, supervisor
         app = create_app(load_settings(backend="tfserving"))
         assert type(app.state.backend).__name__ == "TFServingBackend"
         assert sys.modules["tensorflow"] is None, "something imported tensorflow"
@@ -209,16 +210,15 @@ def test_tfserving_app_serves_requests_without_importing_tensorflow() -> None:
 
 def test_cli_registration_needs_no_web_stack() -> None:
     # `image-classifier train` builds every subparser; a [train]-only install must not need
-    # FastAPI, httpx or pydantic-settings for that.
+    # FastAPI, httpx or pydantic-settings for that, and no command needs TensorFlow to register.
     code = """
-        import argparse, sys
+        import sys
         for name in ("fastapi", "httpx", "pydantic_settings", "starlette", "uvicorn"):
             sys.modules[name] = None
-        from image_classifier.gateway import add_cli
-        parser = argparse.ArgumentParser()
-        add_cli(parser.add_subparsers(dest="command"))
+        from image_classifier.cli import build_parser, serve
+        parser = build_parser()
         args = parser.parse_args(["serve", "--port", "9000", "--model-base-path", "m"])
-        assert (args.port, args.model_base_path, args.func.__name__) == (9000, "m", "_run_serve")
+        assert (args.port, args.model_base_path, args.func) == (9000, "m", serve.run)
         args = parser.parse_args(["gateway", "--tf-serving-url", "http://x:1"])
         assert args.tf_serving_url == "http://x:1"
         args = parser.parse_args(["predict", "a.jpg", "b.png", "--json"])

@@ -376,3 +376,28 @@ def test_a_dead_backend_is_not_asked_again_by_every_queued_request(
 
     assert [a.status_code for a in answers] == [503, 503, 503]
     assert calls == [STATUS_PATH, STATUS_PATH]  # one status call and its retry, then reused
+
+
+def test_a_successful_status_answer_clears_a_recorded_failure(
+    gateway_pictures: Pictures,
+) -> None:
+    # A load balancer polls /ready while the model server restarts: once /ready says 200,
+    # predictions must succeed at once, not keep replaying the failure seen while it was down.
+    serving = ScriptedServing()
+    down = True
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if down:
+            raise httpx.ConnectError("Connection refused")
+        return serving(request)
+
+    with mocked_gateway(handler) as client:
+        before = client.post("/predict-image", files={"file": gateway_pictures["png"]})
+        down = False
+        ready = client.get("/ready")
+        after = client.post("/predict-image", files={"file": gateway_pictures["png"]})
+
+    assert before.status_code == 503
+    assert ready.status_code == 200
+    assert after.status_code == 200, after.text
+    assert after.json()["model_version"] == "3"

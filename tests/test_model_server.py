@@ -1,7 +1,7 @@
 """The embedded model server, as TensorFlow Serving clients see it.
 
 Most tests talk over HTTP (httpx, and curl for the documented command line) to a real
-``python -m image_classifier.model_server`` subprocess serving a tiny export, and compare every
+``python -m image_classifier model-server`` subprocess serving a tiny export, and compare every
 answer with the export's own signature called in-process. The JSON codec and the version
 manager also get fast in-process tests for the cases the tiny model cannot show (several inputs
 and outputs, integer and bool tensors, load failures).
@@ -9,7 +9,6 @@ and outputs, integer and bool tensors, load failures).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import shutil
@@ -25,26 +24,26 @@ import httpx
 import numpy as np
 import pytest
 
-from image_classifier.client import json_floats, make_request_json, write_request_json
+from image_classifier.cli import build_parser
+from image_classifier.cli import model_server as model_server_command
+from image_classifier.client import make_request_json, write_request_json
 from image_classifier.constants import MODEL_NAME, SERVING_BYTES, SERVING_DEFAULT
-from image_classifier.model_server import (
-    ModelServerSettings,
-    add_arguments,
-    add_cli,
-    run_from_args,
-)
-from image_classifier.model_server._codec import (
-    decode_predict_request,
-    encode_predict_response,
-)
-from image_classifier.model_server._errors import InvalidArgumentError, NotFoundError
-from image_classifier.model_server._manager import LoadedVersion, ModelManager, VersionStatus
+from image_classifier.errors import ConfigError
+from image_classifier.model_server import ModelServerSettings
+from image_classifier.model_server._manager import LoadedVersion, ModelManager
 from image_classifier.model_server._settings import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_REQUEST_BYTES,
 )
-from image_classifier.model_server._signatures import Signature, TensorInfo
 from image_classifier.preprocess import preprocess_image
+from image_classifier.tfserving.errors import InvalidArgumentError, NotFoundError
+from image_classifier.tfserving.json_tensor import (
+    decode_predict_request,
+    encode_predict_response,
+    json_floats,
+)
+from image_classifier.tfserving.signatures import Signature, TensorInfo
+from image_classifier.tfserving.status import VersionStatus
 
 TOLERANCE = 1e-5
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # small limits keep the over-limit requests cheap
@@ -116,7 +115,8 @@ def _assert_error(response: httpx.Response, status: int, message: str) -> None:
 
 def test_importing_the_server_loads_neither_tensorflow_nor_fastapi() -> None:
     code = (
-        "import sys, image_classifier.model_server, image_classifier.client; "
+        "import sys, image_classifier.model_server, image_classifier.client, "
+        "image_classifier.cli; "
         "print(sorted(m for m in ('tensorflow', 'fastapi', 'uvicorn') if m in sys.modules))"
     )
     result = subprocess.run(
@@ -126,9 +126,10 @@ def test_importing_the_server_loads_neither_tensorflow_nor_fastapi() -> None:
 
 
 def test_flags_are_tensorflow_model_servers() -> None:
-    parser = add_arguments(argparse.ArgumentParser())
+    parser = build_parser()
     args = parser.parse_args(
         [
+            "model-server",
             "--port=8500",
             "--rest_api_port=9001",
             "--model_name=cifar",
@@ -143,7 +144,7 @@ def test_flags_are_tensorflow_model_servers() -> None:
         "/models/cifar",
     )
     assert args.file_system_poll_wait_seconds == 2
-    defaults = parser.parse_args([])
+    defaults = parser.parse_args(["model-server"])
     assert defaults.host == "127.0.0.1"
     assert defaults.rest_api_port == 8501
     assert defaults.model_name == MODEL_NAME
@@ -151,18 +152,18 @@ def test_flags_are_tensorflow_model_servers() -> None:
     assert defaults.max_batch_size == DEFAULT_MAX_BATCH_SIZE
 
 
-def test_add_cli_registers_the_model_server_subcommand() -> None:
-    parser = argparse.ArgumentParser(prog="image-classifier")
-    add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["model-server", "--rest_api_port", "8502", "--host", "0.0.0.0"])
-    assert args.func is run_from_args
+def test_cli_registers_the_model_server_subcommand() -> None:
+    args = build_parser().parse_args(
+        ["model-server", "--rest_api_port", "8502", "--host", "0.0.0.0"]
+    )
+    assert args.func is model_server_command.run
     assert (args.rest_api_port, args.host) == (8502, "0.0.0.0")
 
 
 def test_settings_refuse_nonsense() -> None:
-    with pytest.raises(ValueError, match="rest_api_port"):
+    with pytest.raises(ConfigError, match="rest_api_port"):
         ModelServerSettings(rest_api_port=70000)
-    with pytest.raises(ValueError, match="model_name"):
+    with pytest.raises(ConfigError, match="model_name"):
         ModelServerSettings(model_name="a:b")
 
 

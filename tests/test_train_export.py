@@ -25,10 +25,10 @@ from image_classifier.constants import (  # noqa: E402
 from image_classifier.data import load_splits  # noqa: E402
 from image_classifier.errors import ExportError  # noqa: E402
 from image_classifier.evaluate import evaluate  # noqa: E402
-from image_classifier.export import TMP_PREFIX, export_model, list_versions  # noqa: E402
+from image_classifier.export import TMP_PREFIX, export_model  # noqa: E402
 from image_classifier.model import ModelConfig, build_model  # noqa: E402
 from image_classifier.preprocess import preprocess_image  # noqa: E402
-from image_classifier.servable import load_servable  # noqa: E402
+from image_classifier.servable import list_versions, load_servable  # noqa: E402
 from image_classifier.train import TrainConfig, TrainResult, train  # noqa: E402
 
 pytestmark = pytest.mark.slow

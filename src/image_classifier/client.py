@@ -16,29 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from image_classifier.preprocess import preprocess_image
-
-
-def json_floats(values: np.ndarray) -> Any:
-    """float32 array -> nested lists of the shortest decimals that read back as the same float32.
-
-    ``0.5019608`` instead of ``0.501960813999176``: half the bytes, and the value TF Serving
-    parses is still exactly the float32 the model would see in-process (TF Serving writes its own
-    float outputs the same way).
-    """
-    array = np.asarray(values, dtype=np.float32)
-    # str() of a NumPy float32 is its shortest round-trip repr; float() of that is exact enough
-    # for json to print the same digits back.
-    shortest = [float(str(value)) for value in array.ravel()]
-    return np.asarray(shortest, dtype=np.float64).reshape(array.shape).tolist()
+from image_classifier.tfserving.json_tensor import INSTANCES, json_floats
 
 
 def make_request_json(image_path: str | os.PathLike[str]) -> dict[str, Any]:
     """A row-format predict request for one image file: ``{"instances": [[32][32][3] floats]}``."""
     pixels = preprocess_image(Path(image_path).read_bytes())
-    return {"instances": [json_floats(pixels)]}
+    return {INSTANCES: [json_floats(pixels)]}
 
 
 def write_request_json(

@@ -1,11 +1,12 @@
-"""The input/output contract every stage shares: image size, class names, signature names.
+"""The contract every stage shares: image size, class names, signature names, ports, limits.
 
-Training, export, the model server and the gateway import these; nothing else spells them out.
+Training, export, the model server, the gateway and the CLI import these; nothing else spells
+them out.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal
 
 IMAGE_SIZE: Final = 32
 CHANNELS: Final = 3
@@ -28,6 +29,25 @@ NUM_CLASSES: Final = len(CIFAR10_CLASSES)
 
 MODEL_NAME: Final = "image_classifier"
 DEFAULT_MODEL_BASE_PATH: Final = "saved_models/image_classifier"
+
+# Where things listen. Servers bind to loopback unless told otherwise; the REST port is TF
+# Serving's, so its clients' URLs work unchanged.
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_REST_API_PORT: Final = 8501
+DEFAULT_GATEWAY_PORT: Final = 8000
+DEFAULT_TF_SERVING_URL: Final = f"http://localhost:{DEFAULT_REST_API_PORT}"
+DEFAULT_GATEWAY_URL: Final = f"http://localhost:{DEFAULT_GATEWAY_PORT}"
+
+# How many classes an answer lists.
+DEFAULT_TOP_K: Final = 3
+MAX_TOP_K: Final = NUM_CLASSES
+
+# Where the gateway's model runs: TF Serving (or the embedded server) over REST, or in-process.
+BackendKind = Literal["tfserving", "local"]
+BACKENDS: Final[tuple[BackendKind, ...]] = ("tfserving", "local")
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("critical", "error", "warning", "info", "debug")
 
 # SavedModel signatures: `serving_default` takes floats in [0, 1]; `serving_bytes` takes encoded
 # images (JPEG/PNG/...) so TF Serving REST clients can send `{"b64": ...}` directly.

@@ -213,6 +213,7 @@ def load_splits(
 
     Without ``data_dir`` CIFAR-10 is downloaded through ``keras.datasets``.
     """
+    test: Dataset | None
     if data_dir is None:
         full, test = load_keras_cifar10()
         source = "CIFAR-10 (keras.datasets download)"

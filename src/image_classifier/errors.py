@@ -1,7 +1,22 @@
 """One exception hierarchy for the whole package.
 
-Library code raises these (never a bare Pillow or TensorFlow exception); the gateway and the CLI
-map them to HTTP statuses and exit codes in one place each.
+Library code raises these (never a bare Pillow, TensorFlow or protobuf exception); the gateway,
+the model server and the CLI map them to HTTP statuses and exit codes in one place each::
+
+    ImageClassifierError
+    ├── InvalidImageError (also ValueError)       the bytes cannot become a model input
+    │   ├── EmptyImageError, NotAnImageError, TruncatedImageError
+    │   └── ImageTooLargeError, ImageDimensionsError
+    ├── PayloadTooLargeError                      a request body over a server's size limit
+    ├── ConfigError (also ValueError)             a configuration value or file is invalid
+    ├── DatasetError                              a dataset directory is missing or malformed
+    ├── ModelNotFoundError                        no loadable exported version where expected
+    ├── ExportError                               writing a version failed; nothing left behind
+    └── ServeError                                the service could not be started
+
+Each layer above the library has its own subtree, drawn in its module: TF Serving's canonical
+codes in :mod:`image_classifier.tfserving.errors`, the gateway's HTTP errors in
+:mod:`image_classifier.gateway.errors`.
 """
 
 from __future__ import annotations
@@ -49,6 +64,18 @@ class ImageDimensionsError(InvalidImageError):
     code = "invalid_dimensions"
 
 
+class PayloadTooLargeError(ImageClassifierError):
+    """A request body is larger than the server's limit (refused before it is read)."""
+
+    code = "payload_too_large"
+
+
+class ConfigError(ImageClassifierError, ValueError):
+    """A configuration value or file is invalid; the message says which and why."""
+
+    code = "invalid_config"
+
+
 class DatasetError(ImageClassifierError):
     """A dataset directory is missing, malformed or inconsistent."""
 
@@ -65,3 +92,9 @@ class ExportError(ImageClassifierError):
     """Writing a SavedModel version failed; nothing was left behind."""
 
     code = "export_error"
+
+
+class ServeError(ImageClassifierError):
+    """The service could not be started (a port taken, the model server failed to come up...)."""
+
+    code = "serve_error"

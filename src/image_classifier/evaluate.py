@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -40,20 +41,36 @@ class EvaluationReport:
         }
 
 
-def predict_dataset(servable: Servable, dataset: Dataset, batch_size: int = 500) -> np.ndarray:
-    """Probabilities for every image of ``dataset`` from the export's ``serving_default``."""
+# Images per model call: large enough to amortise the call, small enough to keep activations of
+# a 10,000-image test set far below memory limits.
+EVAL_BATCH_SIZE: Final = 500
+
+
+def predict_in_batches(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> np.ndarray:
+    """``predict`` (float32 [0, 1] batch -> probabilities) over uint8 ``images``, in batches."""
     outputs = [
-        servable.predict(normalize(dataset.images[start : start + batch_size]))
-        for start in range(0, len(dataset), batch_size)
+        predict(normalize(images[start : start + batch_size]))
+        for start in range(0, len(images), batch_size)
     ]
     return np.concatenate(outputs)
 
 
+def predict_dataset(
+    servable: Servable, dataset: Dataset, batch_size: int = EVAL_BATCH_SIZE
+) -> np.ndarray:
+    """Probabilities for every image of ``dataset`` from the export's ``serving_default``."""
+    return predict_in_batches(servable.predict, dataset.images, batch_size)
+
+
 def evaluate_servable(
-    servable: Servable, dataset: Dataset, *, split: str, batch_size: int = 500
+    servable: Servable, dataset: Dataset, *, split: str, batch_size: int = EVAL_BATCH_SIZE
 ) -> EvaluationReport:
     if tuple(dataset.class_names) != tuple(servable.class_names):
-        raise ValueError(
+        raise DatasetError(
             f"the data's classes {dataset.class_names} differ from the model's "
             f"{servable.class_names}"
         )

@@ -37,25 +37,13 @@ from image_classifier.constants import (
 )
 from image_classifier.errors import ExportError
 from image_classifier.model import ModelConfig, build_model
+from image_classifier.servable import next_version
 
 if TYPE_CHECKING:
     import keras
     import tensorflow as tf
 
 TMP_PREFIX = ".tmp-export-"
-
-
-def list_versions(base_path: str | os.PathLike[str]) -> list[int]:
-    """Integer version directories under ``base_path``, ascending (others are ignored)."""
-    base = Path(base_path)
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def next_version(base_path: str | os.PathLike[str]) -> int:
-    versions = list_versions(base_path)
-    return versions[-1] + 1 if versions else 1
 
 
 def float32_copy(model: keras.Model, config: ModelConfig) -> keras.Model:
@@ -105,7 +93,7 @@ def make_serving_module(
     def probabilities(images: tf.Tensor) -> tf.Tensor:
         return serving_probabilities(model, images, flip_tta=flip_tta)
 
-    @tf.function(
+    @tf.function(  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
         input_signature=[
             tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32, name=INPUT_KEY)
         ]
@@ -113,7 +101,9 @@ def make_serving_module(
     def serve_floats(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return {OUTPUT_KEY: probabilities(images)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT_KEY)])
+    @tf.function(  # type: ignore[untyped-decorator]
+        input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT_KEY)]
+    )
     def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         images = tf.map_fn(
             tf_decode_and_resize,

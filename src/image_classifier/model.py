@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from image_classifier.constants import IMAGE_SIZE, INPUT_SHAPE, NUM_CLASSES
+from image_classifier.errors import ConfigError
 
 if TYPE_CHECKING:
     import keras
@@ -65,11 +66,13 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+            raise ConfigError(
+                f"unknown model config keys: {sorted(unknown)} (known: {sorted(known)})"
+            )
         converted = {
             key: tuple(value) if isinstance(value, list) else value for key, value in values.items()
         }
-        return cls(**converted)
+        return cls(**converted)  # type: ignore[arg-type]  # values from JSON, checked in use
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -78,7 +81,7 @@ class ModelConfig:
 def sequence_length(config: ModelConfig) -> int:
     """Number of steps the TCN sees."""
     if config.stem_filters:
-        side = IMAGE_SIZE // (2 ** len(config.stem_filters))
+        side: int = IMAGE_SIZE // (2 ** len(config.stem_filters))
         return side * side
     return IMAGE_SIZE if config.layout == "rows" else IMAGE_SIZE * IMAGE_SIZE
 
@@ -90,16 +93,16 @@ def receptive_field(config: ModelConfig) -> int:
 
 def validate_config(config: ModelConfig) -> None:
     if IMAGE_SIZE % (2 ** len(config.stem_filters)) != 0:
-        raise ValueError("too many stem stages for a 32x32 image")
+        raise ConfigError("too many stem stages for a 32x32 image")
     if config.kernel_size < 2:
-        raise ValueError("kernel_size must be at least 2")
+        raise ConfigError("kernel_size must be at least 2")
     if not config.dilations or any(d < 1 for d in config.dilations):
-        raise ValueError("dilations must be positive integers")
+        raise ConfigError("dilations must be positive integers")
     if not 0.0 <= config.dropout < 1.0:
-        raise ValueError("dropout must be in [0, 1)")
+        raise ConfigError("dropout must be in [0, 1)")
     rf, length = receptive_field(config), sequence_length(config)
     if rf < length:
-        raise ValueError(
+        raise ConfigError(
             f"receptive field {rf} is shorter than the sequence ({length} steps): "
             "the last step would not see the whole image; add dilations"
         )
@@ -120,7 +123,7 @@ def build_model(config: ModelConfig | None = None) -> keras.Model:
 
     if config.stem_filters:
         x = _stem(x, config)
-        side = IMAGE_SIZE // (2 ** len(config.stem_filters))
+        side: int = IMAGE_SIZE // (2 ** len(config.stem_filters))
         x = layers.Reshape((side * side, config.stem_filters[-1]), name="to_sequence")(x)
     elif config.layout == "rows":
         x = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE * INPUT_SHAPE[2]), name="to_sequence")(x)
@@ -143,11 +146,11 @@ def _init(config: ModelConfig) -> keras.initializers.Initializer | str:
     return config.kernel_init
 
 
-def _norm(config: ModelConfig, name: str, *, axis: int = -1) -> keras.layers.Layer:
+def _norm(config: ModelConfig, name: str) -> keras.layers.Layer:
     from keras import layers
 
     if config.norm == "layer":
-        return layers.LayerNormalization(axis=axis, name=name)
+        return layers.LayerNormalization(name=name)
     return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
 
 

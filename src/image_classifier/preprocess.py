@@ -115,8 +115,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         if image.format in ("JPEG", "MPO"):
             image.draft("RGB", _DRAFT_SIZE)
         image.load()
-        image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image)
+        return _to_rgb(ImageOps.exif_transpose(image) or image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLargeError(f"the image has too many pixels (limit {max_pixels:,})") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as exc:

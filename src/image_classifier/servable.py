@@ -1,8 +1,11 @@
-"""Load an exported version from disk and call it the way TensorFlow Serving does.
+"""Exported versions on disk: which exist, which one a path means, and loading one.
 
-Evaluation, the embedded model server and the gateway's ``local`` backend all go through this:
-the SavedModel's signatures are called, never the in-memory Keras object, so what is measured
-and served is the artefact that ships.
+The only place that lists or resolves versions (export numbers the next one with
+:func:`next_version`; the model server, the gateway, ``serve`` and evaluation resolve with
+:func:`resolve_version_dir`) and the only place that loads one. Evaluation, the embedded model
+server and the gateway's ``local`` backend all call the SavedModel's signatures, never the
+in-memory Keras object, so what is measured and served is the artefact that ships. The
+``signature_def`` table TF Serving reports is read once, at load, from ``saved_model.pb``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,21 @@ from image_classifier.constants import (
     SERVING_DEFAULT,
 )
 from image_classifier.errors import ModelNotFoundError
-from image_classifier.export import list_versions
+from image_classifier.tfserving.signatures import SignatureTable, read_signature_table
+
+
+def list_versions(base_path: str | os.PathLike[str]) -> list[int]:
+    """Integer version directories under ``base_path``, ascending (others are ignored, as TF
+    Serving ignores them: that is what makes a hidden staging directory invisible)."""
+    base = Path(base_path)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(base_path: str | os.PathLike[str]) -> int:
+    versions = list_versions(base_path)
+    return versions[-1] + 1 if versions else 1
 
 
 @dataclass
@@ -37,6 +54,7 @@ class Servable:
     version: int
     loaded: Any  # the object tf.saved_model.load returned
     class_names: tuple[str, ...]
+    signature_table: SignatureTable
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -48,14 +66,16 @@ class Servable:
         import tensorflow as tf
 
         batch = tf.convert_to_tensor(np.asarray(images, dtype=np.float32))
-        return self.signatures[SERVING_DEFAULT](**{INPUT_KEY: batch})[OUTPUT_KEY].numpy()
+        result: np.ndarray = self.signatures[SERVING_DEFAULT](**{INPUT_KEY: batch})[OUTPUT_KEY]
+        return np.asarray(result)
 
     def predict_bytes(self, encoded: Sequence[bytes]) -> np.ndarray:
         """Encoded images through the in-graph decoder signature."""
         import tensorflow as tf
 
         batch = tf.constant(list(encoded), dtype=tf.string)
-        return self.signatures[SERVING_BYTES](**{BYTES_INPUT_KEY: batch})[OUTPUT_KEY].numpy()
+        result = self.signatures[SERVING_BYTES](**{BYTES_INPUT_KEY: batch})[OUTPUT_KEY]
+        return np.asarray(result)
 
 
 def resolve_version_dir(path: str | os.PathLike[str], version: int | None = None) -> Path:
@@ -87,7 +107,10 @@ def read_metadata(version_dir: Path) -> dict[str, Any]:
     card = version_dir / METADATA_FILE
     if not card.exists():
         return {}
-    return json.loads(card.read_text(encoding="utf-8"))
+    content = json.loads(card.read_text(encoding="utf-8"))
+    if not isinstance(content, dict):
+        raise ModelNotFoundError(f"{card} is not a JSON object: not an export of this project")
+    return content
 
 
 def load_servable(path: str | os.PathLike[str], version: int | None = None) -> Servable:
@@ -95,6 +118,7 @@ def load_servable(path: str | os.PathLike[str], version: int | None = None) -> S
     import tensorflow as tf
 
     version_dir = resolve_version_dir(path, version)
+    table = read_signature_table(version_dir)
     try:
         loaded = tf.saved_model.load(str(version_dir))
     except (OSError, ValueError) as exc:
@@ -104,5 +128,6 @@ def load_servable(path: str | os.PathLike[str], version: int | None = None) -> S
         version=int(version_dir.name) if version_dir.name.isdigit() else 0,
         loaded=loaded,
         class_names=read_class_names(version_dir),
+        signature_table=table,
         metadata=read_metadata(version_dir),
     )

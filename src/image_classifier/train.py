@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from image_classifier.constants import CURVES_FILE, DEFAULT_MODEL_BASE_PATH, HISTORY_FILE
+from image_classifier.constants import (
+    CURVES_FILE,
+    DEFAULT_MODEL_BASE_PATH,
+    HISTORY_FILE,
+    INPUT_SHAPE,
+    MODEL_NAME,
+)
 from image_classifier.data import (
     DEFAULT_VALIDATION_SIZE,
     DataSplits,
@@ -27,6 +33,7 @@ from image_classifier.data import (
     load_splits,
     make_tf_dataset,
 )
+from image_classifier.errors import ConfigError
 from image_classifier.model import (
     ModelConfig,
     build_model,
@@ -64,6 +71,48 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown train config keys: {sorted(unknown)} (known: {sorted(known)})"
+            )
+        return cls(**values)
+
+
+def load_configs(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """The configs from a JSON file ``{"model": {...}, "train": {...}}``, then the overrides.
+
+    Raises :class:`~image_classifier.errors.ConfigError` for an unreadable file, invalid JSON
+    or an unknown key, so ``train --config`` reports a mistake in one line.
+    """
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            file_values = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(file_values, dict) or not set(file_values) <= {"model", "train"}:
+            raise ConfigError(f'{path} must be a JSON object with "model" and/or "train" keys')
+    sections = {}
+    for key, overrides in (("model", model_overrides), ("train", train_overrides)):
+        section = file_values.get(key, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f'"{key}" in {config_file} must be a JSON object')
+        sections[key] = {**section, **(overrides or {})}
+    model_config = ModelConfig.from_dict({**ModelConfig().to_dict(), **sections["model"]})
+    return model_config, TrainConfig.from_dict(sections["train"])
+
 
 @dataclass
 class TrainResult:
@@ -98,7 +147,7 @@ def one_cycle_schedule(peak: float, total_steps: int, warmup_fraction: float) ->
     warmup = max(1, int(total_steps * warmup_fraction))
 
     @keras.saving.register_keras_serializable(package="image_classifier")
-    class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    class OneCycle(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
         def __call__(self, step: Any) -> Any:
             step = ops.cast(step, "float32")
             up = peak * (0.1 + 0.9 * step / warmup)
@@ -180,9 +229,12 @@ def train(
     train_config = train_config or TrainConfig()
     model_config = model_config or ModelConfig()
     class_names = data.train.class_names
-    mean, std = channel_stats(data.train.images)
+    mean, std = channel_stats(data.train.images)  # three channels each
     model_config = dataclasses.replace(
-        model_config, num_classes=len(class_names), mean=mean, std=std
+        model_config,
+        num_classes=len(class_names),
+        mean=(mean[0], mean[1], mean[2]),
+        std=(std[0], std[1], std[2]),
     )
 
     cores = configure_threads()
@@ -257,7 +309,7 @@ def train(
     plot_training_curves(history, curves_file)
 
     metadata = {
-        "name": "image_classifier",
+        "name": MODEL_NAME,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": {
             "type": "TCN (dilated causal residual 1-D convolutions) over a conv-stem token sequence"
@@ -270,7 +322,7 @@ def train(
         },
         "input": {
             "dtype": "float32",
-            "shape": [-1, 32, 32, 3],
+            "shape": [-1, *INPUT_SHAPE],
             "range": [0.0, 1.0],
             "layout": "NHWC RGB",
         },
@@ -321,17 +373,15 @@ def served_accuracy(
     """Validation accuracy of exactly what the export will compute."""
     import numpy as np
 
+    from image_classifier.evaluate import predict_in_batches
     from image_classifier.export import float32_copy, serving_probabilities
-    from image_classifier.preprocess import normalize
 
     serving_model = float32_copy(model, config)
-    images, labels = data.validation.images, data.validation.labels
-    correct = 0
-    for start in range(0, len(images), 500):
-        batch = normalize(images[start : start + 500])
-        probs = serving_probabilities(serving_model, batch, flip_tta=flip_tta)
-        correct += int((np.argmax(probs, axis=1) == labels[start : start + 500]).sum())
-    return correct / len(images)
+    probs = predict_in_batches(
+        lambda batch: np.asarray(serving_probabilities(serving_model, batch, flip_tta=flip_tta)),
+        data.validation.images,
+    )
+    return float(np.mean(np.argmax(probs, axis=1) == data.validation.labels))
 
 
 def _one_hot(labels: Any, num_classes: int) -> Any:
@@ -344,7 +394,7 @@ def _history_recorder(target: dict[str, list[float]]) -> keras.callbacks.Callbac
     """Keeps per-epoch logs even when fit() is interrupted (Keras' History is lost then)."""
     import keras
 
-    class Recorder(keras.callbacks.Callback):
+    class Recorder(keras.callbacks.Callback):  # type: ignore[misc]
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             for key, value in (logs or {}).items():
                 target.setdefault(key, []).append(float(value))

@@ -1,15 +1,15 @@
 """The HTTP gateway: web page, REST API and metrics in front of the model.
 
-Importing this package imports neither TensorFlow nor anything heavy; only the ``local`` backend
-imports TensorFlow, when it starts. Names are resolved on first use (PEP 562), so the
-``predict`` client does not pay for FastAPI's import. Public surface:
+A picture's way through it, one module each: :mod:`.routes` (HTTP in) -> :mod:`.pipeline`
+(:mod:`image_classifier.preprocess`, then :mod:`.backends`, then :mod:`.postprocess`) -> the
+response :mod:`.schemas`. Around that: :mod:`.settings`, :mod:`.deps`, :mod:`.errors` and
+:mod:`.handlers` (one error body), :mod:`.middleware` and :mod:`.context` (request ids, access
+log), :mod:`.metrics`, :mod:`.app` (``create_app(settings)``) and :mod:`.server` (uvicorn).
 
-- :func:`create_app` (``create_app(settings)`` -> FastAPI app), :class:`GatewaySettings`,
-  :func:`load_settings`, :class:`SettingsError`
-- :func:`run_gateway`, :func:`gateway_main` (``image-classifier gateway``)
-- :func:`serve_main` (``image-classifier serve``), :func:`predict_main`
-  (``image-classifier predict``), each with its ``add_*_arguments``; :func:`add_cli` registers
-  all three subcommands on the CLI's subparsers without importing the web stack.
+Importing this package imports neither TensorFlow nor anything heavy; only the ``local`` backend
+imports TensorFlow, when it starts. Names are resolved on first use (PEP 562). Public surface:
+:func:`create_app`, :class:`GatewaySettings`, :func:`load_settings`, :class:`SettingsError`,
+:func:`build_server`, :func:`run_gateway`.
 """
 
 from __future__ import annotations
@@ -19,27 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from image_classifier.gateway.app import create_app
-    from image_classifier.gateway.cli_client import predict_main
-    from image_classifier.gateway.commands import (
-        add_cli,
-        add_gateway_arguments,
-        add_predict_arguments,
-        add_serve_arguments,
-    )
-    from image_classifier.gateway.run import gateway_main, run_gateway
-    from image_classifier.gateway.serve import serve_main
+    from image_classifier.gateway.server import build_server, run_gateway
     from image_classifier.gateway.settings import GatewaySettings, SettingsError, load_settings
 
 _EXPORTS = {
     "create_app": "app",
-    "add_cli": "commands",
-    "add_gateway_arguments": "commands",
-    "add_predict_arguments": "commands",
-    "add_serve_arguments": "commands",
-    "predict_main": "cli_client",
-    "gateway_main": "run",
-    "run_gateway": "run",
-    "serve_main": "serve",
+    "build_server": "server",
+    "run_gateway": "server",
     "GatewaySettings": "settings",
     "SettingsError": "settings",
     "load_settings": "settings",
@@ -48,16 +34,10 @@ _EXPORTS = {
 __all__ = [
     "GatewaySettings",
     "SettingsError",
-    "add_cli",
-    "add_gateway_arguments",
-    "add_predict_arguments",
-    "add_serve_arguments",
+    "build_server",
     "create_app",
-    "gateway_main",
     "load_settings",
-    "predict_main",
     "run_gateway",
-    "serve_main",
 ]
 
 

@@ -9,13 +9,16 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 
 from image_classifier import __version__
+from image_classifier.body_limit import BodySizeLimitMiddleware
+from image_classifier.errors import PayloadTooLargeError
 from image_classifier.gateway.backends import Backend, create_backend
 from image_classifier.gateway.context import REQUEST_ID_HEADER
-from image_classifier.gateway.errors import install_error_handlers
+from image_classifier.gateway.handlers import error_response, install_error_handlers
 from image_classifier.gateway.metrics import GatewayMetrics
-from image_classifier.gateway.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from image_classifier.gateway.middleware import RequestContextMiddleware
 from image_classifier.gateway.pipeline import Pipeline
 from image_classifier.gateway.routes import classes, health, metrics, model, predict, web
 from image_classifier.gateway.settings import GatewaySettings
@@ -78,7 +81,12 @@ def create_app(
 
     # Added innermost first: the request context wraps everything, so even a 413 from the body
     # limit or a CORS preflight gets a request id, a log line and a metrics sample.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        setting="GATEWAY_MAX_UPLOAD_BYTES",
+        respond=_too_large,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -90,3 +98,7 @@ def create_app(
         )
     app.add_middleware(RequestContextMiddleware, metrics=app_metrics, routes=app.router.routes)
     return app
+
+
+def _too_large(exc: PayloadTooLargeError) -> JSONResponse:
+    return error_response(413, exc.code, str(exc))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -15,20 +15,21 @@ from image_classifier.gateway.pipeline import Pipeline
 from image_classifier.gateway.settings import GatewaySettings
 
 
+# create_app() puts these on app.state; Starlette types that state as Any.
 def get_settings(request: Request) -> GatewaySettings:
-    return request.app.state.settings
+    return cast(GatewaySettings, request.app.state.settings)
 
 
 def get_backend(request: Request) -> Backend:
-    return request.app.state.backend
+    return cast(Backend, request.app.state.backend)
 
 
 def get_metrics(request: Request) -> GatewayMetrics:
-    return request.app.state.metrics
+    return cast(GatewayMetrics, request.app.state.metrics)
 
 
 def get_pipeline(request: Request) -> Pipeline:
-    return request.app.state.pipeline
+    return cast(Pipeline, request.app.state.pipeline)
 
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]

@@ -1,8 +1,7 @@
-"""Pure-ASGI middleware: request ids, access log, metrics, the last-resort 500, upload limit.
+"""Pure-ASGI middleware: request ids, access log, metrics and the last-resort 500.
 
-Pure ASGI (not ``BaseHTTPMiddleware``) because both jobs need the raw message stream: the id
-goes into the response's start message whatever produced it, and the upload limit has to count
-body chunks as they arrive, before anything buffers them.
+Pure ASGI (not ``BaseHTTPMiddleware``) because the id goes into the response's start message
+whatever produced it, a 413 from the body limit (:mod:`image_classifier.body_limit`) included.
 """
 
 from __future__ import annotations
@@ -21,11 +20,7 @@ from image_classifier.gateway.context import (
     reset_request_id,
     set_request_id,
 )
-from image_classifier.gateway.errors import (
-    PayloadTooLargeError,
-    error_response,
-    internal_error_response,
-)
+from image_classifier.gateway.handlers import internal_error_response
 from image_classifier.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("image_classifier.gateway")
@@ -111,75 +106,3 @@ class RequestContextMiddleware:
                 extra={"request_id": request_id},
             )
             reset_request_id(token)
-
-
-class BodySizeLimitMiddleware:
-    """413 for a request body over ``max_bytes``, without ever holding more than that.
-
-    A declared ``Content-Length`` over the limit is refused before the body is read at all. A
-    chunked (or lying) body is counted as it streams in; at the first byte over the limit the
-    app's ``receive`` raises, whatever the app made of that is discarded, and the 413 is sent.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def _too_large(self, size: str) -> PayloadTooLargeError:
-        return PayloadTooLargeError(
-            f"the request body is {size}; the limit is {self.max_bytes:,} bytes "
-            "(GATEWAY_MAX_UPLOAD_BYTES)"
-        )
-
-    async def _reject(self, exc: PayloadTooLargeError, scope: Scope, send: Send) -> None:
-        async def no_body() -> Message:
-            return {"type": "http.disconnect"}
-
-        # `Connection: close` because the unread rest of the body is still on the socket.
-        response = error_response(
-            exc.status_code, exc.code, str(exc), headers={"Connection": "close"}
-        )
-        await response(scope, no_body, send)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(self._too_large(f"{int(declared):,} bytes"), scope, send)
-            return
-
-        received = 0
-        exceeded: PayloadTooLargeError | None = None
-        app_responded = False
-
-        async def counting_receive() -> Message:
-            nonlocal received, exceeded
-            if exceeded is not None:
-                raise exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    exceeded = self._too_large(f"over {self.max_bytes:,} bytes")
-                    raise exceeded
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal app_responded
-            if exceeded is not None and not app_responded:
-                return  # the app's answer to a cut-off body (FastAPI makes it a 400) is dropped
-            if message["type"] == "http.response.start":
-                app_responded = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, guarded_send)
-        except Exception:
-            # Once the body is cut off, whatever the app raised follows from that.
-            if exceeded is None or app_responded:
-                raise
-        if exceeded is not None and not app_responded:
-            await self._reject(exceeded, scope, send)

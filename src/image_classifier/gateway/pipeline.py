@@ -1,5 +1,8 @@
 """One picture's way through the gateway: bytes -> preprocess -> backend -> top-k labels.
 
+The steps live in their own modules, in that order: :mod:`image_classifier.preprocess`,
+:mod:`.backends`, :mod:`.postprocess`; this module runs them for a batch of uploads.
+
 Preprocessing is :func:`image_classifier.preprocess.preprocess_image`, the project's single
 definition of it; it runs in worker threads (Pillow decoding is CPU work that would otherwise
 stall every other request on the event loop), at most a few at a time, so a burst of 12 MP
@@ -18,8 +21,10 @@ import numpy as np
 
 from image_classifier.errors import ImageClassifierError, InvalidImageError
 from image_classifier.gateway.backends import Backend
-from image_classifier.gateway.errors import UnsupportedMediaTypeError, error_info
+from image_classifier.gateway.errors import UnsupportedMediaTypeError
+from image_classifier.gateway.handlers import error_info
 from image_classifier.gateway.metrics import GatewayMetrics
+from image_classifier.gateway.postprocess import top_k
 from image_classifier.gateway.schemas import ClassPrediction, ImageResult
 from image_classifier.gateway.settings import GatewaySettings
 from image_classifier.preprocess import preprocess_image
@@ -67,17 +72,6 @@ class Classified:
 class BatchOutcome:
     items: list[Classified]
     model_version: str | None
-
-
-def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list[ClassPrediction]:
-    # Stable sort on the negated scores: ties keep class order, so answers are reproducible.
-    order = np.argsort(-probabilities, kind="stable")[:k]
-    return [
-        ClassPrediction(
-            label=class_names[i], class_index=int(i), probability=float(probabilities[i])
-        )
-        for i in order
-    ]
 
 
 class Pipeline:

@@ -6,7 +6,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from image_classifier.constants import IMAGE_SIZE, INPUT_KEY, OUTPUT_KEY, SERVING_DEFAULT
+from image_classifier.constants import (
+    IMAGE_SIZE,
+    INPUT_KEY,
+    MAX_TOP_K,
+    OUTPUT_KEY,
+    SERVING_DEFAULT,
+    BackendKind,
+)
 
 # --- errors ---------------------------------------------------------------------------------
 
@@ -74,7 +81,7 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     images: list[Base64Image] = Field(min_length=1)
-    top_k: int | None = Field(None, ge=1, le=10)
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
 
 
 # --- model and classes ----------------------------------------------------------------------
@@ -121,7 +128,7 @@ class ModelInfo(BaseModel):
     name: str
     version: str | None
     state: str
-    backend: Literal["tfserving", "local"]
+    backend: BackendKind
     class_names: list[str]
     input: InputContract
     signatures: dict[str, Any] | None = Field(
@@ -144,7 +151,7 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: Literal["ready"] = "ready"
-    backend: Literal["tfserving", "local"]
+    backend: BackendKind
     model_name: str
     model_version: str
     state: str

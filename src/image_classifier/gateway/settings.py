@@ -10,24 +10,33 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic import model_validator as _model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from image_classifier.constants import DEFAULT_MODEL_BASE_PATH, MODEL_NAME
-from image_classifier.errors import ImageClassifierError, ModelNotFoundError
+from image_classifier.constants import (
+    DEFAULT_GATEWAY_PORT,
+    DEFAULT_HOST,
+    DEFAULT_MODEL_BASE_PATH,
+    DEFAULT_TF_SERVING_URL,
+    DEFAULT_TOP_K,
+    MAX_TOP_K,
+    MODEL_NAME,
+    BackendKind,
+    LogLevel,
+)
+from image_classifier.errors import ConfigError, ModelNotFoundError
 from image_classifier.preprocess import MAX_PIXELS
 
 ENV_PREFIX = "GATEWAY_"
-MAX_TOP_K = 10
 MiB = 1024 * 1024
 
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class SettingsError(ImageClassifierError):
+class SettingsError(ConfigError):
     """The gateway's configuration is invalid; the message names each variable to fix."""
 
     code = "invalid_settings"
@@ -44,13 +53,13 @@ class GatewaySettings(BaseSettings):
         frozen=True,
     )
 
-    backend: Literal["tfserving", "local"] = Field(
+    backend: BackendKind = Field(
         "tfserving",
         description="tfserving: call TensorFlow Serving (or the embedded model server) over "
         "REST; local: load the SavedModel in this process (needs TensorFlow).",
     )
     tf_serving_url: str = Field(
-        "http://localhost:8501",
+        DEFAULT_TF_SERVING_URL,
         validation_alias=AliasChoices("tf_serving_url", "GATEWAY_TF_SERVING_URL", "TF_SERVING_URL"),
         description="Base URL of the TF Serving REST API (tfserving backend).",
     )
@@ -72,7 +81,7 @@ class GatewaySettings(BaseSettings):
         16 * MiB, ge=1024, description="Largest request body accepted (all files together)."
     )
     max_images_per_request: int = Field(16, ge=1, le=1000)
-    default_top_k: int = Field(3, ge=1, le=MAX_TOP_K)
+    default_top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)
     max_image_pixels: int = Field(
         MAX_PIXELS, ge=1024, description="Decompression-bomb guard: most pixels in one image."
     )
@@ -92,9 +101,9 @@ class GatewaySettings(BaseSettings):
     model_status_ttl_s: float = Field(
         5.0, ge=0, le=3600, description="How long a model version read from TF Serving is reused."
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    host: str = DEFAULT_HOST
+    port: int = Field(DEFAULT_GATEWAY_PORT, ge=1, le=65535)
+    log_level: LogLevel = "info"
 
     @field_validator("tf_serving_url")
     @classmethod

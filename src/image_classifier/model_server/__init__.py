@@ -6,27 +6,20 @@ port answers (status, metadata, ``:predict`` in row and columnar form, errors as
 ``{"error": ...}``), serves the highest version and swaps in new ones without a restart.
 
 Public surface: :class:`ModelServerSettings`, :func:`create_app` (an ASGI app; the model loads
-in its lifespan), :func:`run_model_server` (blocking), and the CLI hooks :func:`add_arguments`,
-:func:`add_cli`, :func:`run_from_args`, :func:`main`. Importing this package imports neither
+in its lifespan) and :func:`run_model_server` (blocking). Importing this package imports neither
 TensorFlow nor FastAPI; they load when an app is created or a server started.
 
-Internals, in the order a request meets them: ``_app`` (routes, body limit, threads),
-``_service`` (TF Serving's URL grammar and API calls), ``_codec`` (JSON <-> tensors),
-``_manager`` (versions, polling, atomic swap), ``_signatures`` (the SavedModel's signature_def),
-``_errors`` (status codes).
+Internals, in the order a request meets them: ``_app`` (routes, threads), ``_service`` (TF
+Serving's API calls over the manager), ``_manager`` (versions, polling, atomic swap),
+``_settings`` and ``_server`` (uvicorn). The protocol itself (URL grammar, JSON <-> tensors,
+status body, signature_def, canonical errors) is :mod:`image_classifier.tfserving`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from image_classifier.model_server._cli import (
-    add_arguments,
-    add_cli,
-    main,
-    run_from_args,
-    run_model_server,
-)
+from image_classifier.model_server._server import run_model_server
 from image_classifier.model_server._settings import ModelServerSettings
 
 if TYPE_CHECKING:
@@ -34,15 +27,7 @@ if TYPE_CHECKING:
 
     from image_classifier.model_server._manager import ModelManager
 
-__all__ = [
-    "ModelServerSettings",
-    "add_arguments",
-    "add_cli",
-    "create_app",
-    "main",
-    "run_from_args",
-    "run_model_server",
-]
+__all__ = ["ModelServerSettings", "create_app", "run_model_server"]
 
 
 def create_app(

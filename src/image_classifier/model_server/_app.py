@@ -1,8 +1,9 @@
 """The ASGI app: TF Serving's REST routes on FastAPI, the model loaded in the lifespan.
 
 One catch-all route per method takes every ``/v1/...`` path and hands it to
-:func:`_service.parse_path`, because TF Serving's ``/v1/models/NAME:predict`` puts a colon right
-after a path segment, which Starlette's path parameters cannot express. Everything slow
+:func:`image_classifier.tfserving.rest.parse_path`, because TF Serving's
+``/v1/models/NAME:predict`` puts a colon right after a path segment, which Starlette's path
+parameters cannot express. Everything slow
 (JSON parsing, TensorFlow, encoding) runs in worker threads, bounded by ``rest_api_num_threads``,
 so the event loop keeps answering status probes while a big batch is computed.
 """
@@ -21,11 +22,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from image_classifier.body_limit import BodySizeLimitMiddleware
+from image_classifier.errors import PayloadTooLargeError
 from image_classifier.model_server import _service
-from image_classifier.model_server._errors import PayloadTooLargeError, ServingError
 from image_classifier.model_server._manager import ModelManager
 from image_classifier.model_server._settings import ModelServerSettings
 from image_classifier.preprocess import MAX_PIXELS
+from image_classifier.tfserving.errors import ServingError
+from image_classifier.tfserving.rest import parse_path
 
 logger = logging.getLogger("image_classifier.model_server")
 
@@ -98,18 +102,24 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
     app.add_api_route("/v1/{path:path}", _v1, methods=["GET", "POST"])
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        setting="--max_request_bytes",
+        respond=_too_large,
+    )
     return app
 
 
 async def _v1(request: Request) -> Response:
     settings: ModelServerSettings = request.app.state.settings
     manager: ModelManager = request.app.state.manager
-    call = _service.parse_path(request.method, request.url.path)
+    call = parse_path(request.method, request.url.path)
     if call.kind == "status":
         return JSONResponse(_service.model_status(manager, call))
     if call.kind == "metadata":
         return JSONResponse(_service.model_metadata(manager, call))
-    body = await _read_body(request, settings.max_request_bytes)
+    body = await request.body()  # BodySizeLimitMiddleware cuts it off at the limit
     content = await anyio.to_thread.run_sync(
         functools.partial(
             _service.predict,
@@ -124,40 +134,19 @@ async def _v1(request: Request) -> Response:
     return Response(content, media_type="application/json")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        # Refused before reading: with "Expect: 100-continue" (curl, for big bodies) the client
-        # never even sends it.
-        raise PayloadTooLargeError(_too_large(int(declared), limit))
-    chunks: list[bytes] = []
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:  # chunked uploads declare no length: count as they arrive
-            raise PayloadTooLargeError(_too_large(received, limit, at_least=True))
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
-    return (
-        f"Request body of {'more than ' if at_least else ''}{size:,} bytes is larger than "
-        f"the limit of {limit:,} bytes"
-    )
-
-
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _too_large(exc: PayloadTooLargeError) -> JSONResponse:
+    # TF Serving has no body limit and so no status for it; 413 is the HTTP one.
+    return _error(413, str(exc))
 
 
 async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
     if exc.http_status >= 500:
         logger.error("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc)
-    # A 413 is sent before the body is read: close rather than try to skip the rest of it.
-    headers = {"Connection": "close"} if isinstance(exc, PayloadTooLargeError) else None
-    return _error(exc.http_status, exc.message, headers)
+    return _error(exc.http_status, exc.message)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -17,28 +17,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
 
 import numpy as np
 
-from image_classifier.export import list_versions
-from image_classifier.model_server._errors import InvalidArgumentError, NotFoundError
-from image_classifier.model_server._signatures import (
-    NUMPY_DTYPES,
-    Signature,
-    SignatureTable,
-    read_signature_table,
-)
-from image_classifier.servable import Servable, load_servable
+from image_classifier.servable import Servable, list_versions, load_servable
+from image_classifier.tfserving.errors import InvalidArgumentError, NotFoundError
+from image_classifier.tfserving.signatures import NUMPY_DTYPES, Signature, SignatureTable
+from image_classifier.tfserving.status import AVAILABLE, END, LOADING, VersionStatus
 
 logger = logging.getLogger("image_classifier.model_server")
-
-# ModelVersionStatus.State names.
-START: Final = "START"
-LOADING: Final = "LOADING"
-AVAILABLE: Final = "AVAILABLE"
-UNLOADING: Final = "UNLOADING"
-END: Final = "END"
 
 
 @dataclass(frozen=True)
@@ -47,7 +34,10 @@ class LoadedVersion:
 
     version: int
     servable: Servable
-    table: SignatureTable
+
+    @property
+    def table(self) -> SignatureTable:
+        return self.servable.signature_table
 
     @property
     def signatures(self) -> Mapping[str, Signature]:
@@ -76,8 +66,7 @@ class LoadedVersion:
 def load_version(version_dir: Path) -> LoadedVersion:
     """Load one version directory and warm it up (the first call of a graph is the slow one)."""
     servable = load_servable(version_dir)
-    table = read_signature_table(servable.path)
-    loaded = LoadedVersion(version=servable.version, servable=servable, table=table)
+    loaded = LoadedVersion(version=servable.version, servable=servable)
     _warm_up(loaded)
     return loaded
 
@@ -96,23 +85,6 @@ def _warm_up(loaded: LoadedVersion) -> None:
                     loaded.run(signature.name, inputs)
                 except Exception as exc:  # warm-up is an optimisation, never a load failure
                     logger.warning("warm-up of %s failed: %s", signature.name, exc)
-
-
-@dataclass(frozen=True)
-class VersionStatus:
-    """One entry of GetModelStatusResponse.model_version_status."""
-
-    version: int
-    state: str
-    error_code: str = "OK"
-    error_message: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": str(self.version),  # int64 fields are JSON strings in protobuf's mapping
-            "state": self.state,
-            "status": {"error_code": self.error_code, "error_message": self.error_message},
-        }
 
 
 class ModelManager:
@@ -140,10 +112,6 @@ class ModelManager:
         self._warned_missing = False
 
     # --- what requests see ------------------------------------------------------------------
-
-    @property
-    def current(self) -> LoadedVersion | None:
-        return self._current
 
     def servable(self, name: str, version: int | None) -> LoadedVersion:
         """The loaded version a request asks for (latest when ``version`` is None)."""

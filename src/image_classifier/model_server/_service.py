@@ -1,7 +1,6 @@
 """TF Serving's REST API over a :class:`ModelManager`, independent of HTTP plumbing.
 
-``parse_path`` matches the URL with TF Serving's own regular expressions (case-insensitive,
-``/versions/N`` or ``/labels/L``, ``:predict``/``:classify``/``:regress``, ``/metadata``); the
+The app matches the URL with :func:`image_classifier.tfserving.rest.parse_path`; the
 ``model_status``, ``model_metadata`` and ``predict`` functions return JSON bodies or raise
 :class:`ServingError`. ``predict`` is synchronous (parsing, TensorFlow, encoding): the app runs
 it in a worker thread.
@@ -9,79 +8,37 @@ it in a worker thread.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Final
 
+import numpy as np
+
 from image_classifier.constants import SERVING_DEFAULT
-from image_classifier.model_server._codec import (
-    check_image_sizes,
+from image_classifier.errors import ImageTooLargeError
+from image_classifier.model_server._manager import ModelManager
+from image_classifier.preprocess import check_encoded_pixels
+from image_classifier.tfserving.errors import (
+    InvalidArgumentError,
+    UnimplementedError,
+    from_tf_error,
+)
+from image_classifier.tfserving.json_tensor import (
     decode_predict_request,
     encode_predict_response,
     parse_json_object,
     signature_name_of,
 )
-from image_classifier.model_server._errors import (
-    InvalidArgumentError,
-    UnimplementedError,
-    from_tf_error,
-)
-from image_classifier.model_server._manager import ModelManager
+from image_classifier.tfserving.rest import ApiCall
+from image_classifier.tfserving.status import status_body
 
-# tensorflow_serving/model_servers/http_rest_api_util.cc
-_PREDICTION_RE: Final = re.compile(
-    r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
-    re.IGNORECASE,
-)
-_STATUS_RE: Final = re.compile(
-    r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
-    re.IGNORECASE,
-)
-_INT64_MAX: Final = 2**63 - 1
 _METHOD_NAMES: Final = {
     "classify": "tensorflow/serving/classify",
     "regress": "tensorflow/serving/regress",
 }
 
 
-@dataclass(frozen=True)
-class ApiCall:
-    """What a ``/v1/...`` URL asks for."""
-
-    kind: str  # "status", "metadata", "predict", "classify" or "regress"
-    model_name: str
-    version: int | None
-
-
-def parse_path(method: str, path: str) -> ApiCall:
-    """Match ``path`` as TF Serving does; anything else under /v1 is a "Malformed request"."""
-    if method == "POST" and (match := _PREDICTION_RE.fullmatch(path)):
-        name, version_text, label, verb = match.groups()
-        return ApiCall(verb.lower(), name, _version(version_text, label))
-    if method == "GET" and (match := _STATUS_RE.fullmatch(path)):
-        name, version_text, label, subresource = match.groups()
-        if not name:
-            raise InvalidArgumentError("Missing model name in request.")
-        kind = "metadata" if subresource else "status"
-        return ApiCall(kind, name, _version(version_text, label))
-    raise InvalidArgumentError(f"Malformed request: {method} {path}")
-
-
-def _version(text: str | None, label: str | None) -> int | None:
-    if label is not None:
-        # Labels come from a --model_config_file, which this server does not read.
-        raise InvalidArgumentError(f"Unrecognized servable version label: {label}")
-    if text is None:
-        return None
-    version = int(text)
-    if version > _INT64_MAX:
-        raise InvalidArgumentError(f"Failed to convert version: {text} to numeric.")
-    return version
-
-
 def model_status(manager: ModelManager, call: ApiCall) -> dict[str, Any]:
-    statuses = manager.statuses(call.model_name, call.version)
-    return {"model_version_status": [status.to_json() for status in statuses]}
+    return status_body(manager.statuses(call.model_name, call.version))
 
 
 def model_metadata(manager: ModelManager, call: ApiCall) -> dict[str, Any]:
@@ -136,3 +93,21 @@ def predict(
         # The function's own argument binding refused the tensors (checked above, so rare).
         raise InvalidArgumentError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
     return encode_predict_response(outputs, row_format=request.row_format)
+
+
+def check_image_sizes(inputs: Mapping[str, np.ndarray], max_pixels: int) -> None:
+    """Refuse encoded images that would decode to more than ``max_pixels``.
+
+    The bytes signature decodes in-graph with no size limit, so a small PNG of a huge blank
+    canvas would be a memory bomb; :func:`preprocess.check_encoded_pixels` reads headers only.
+    """
+    for key, array in inputs.items():
+        if array.dtype != object:
+            continue
+        for index, data in enumerate(array.ravel()):
+            if not isinstance(data, bytes):
+                continue
+            try:
+                check_encoded_pixels(data, max_pixels=max_pixels)
+            except ImageTooLargeError as exc:
+                raise InvalidArgumentError(f"input '{key}' value {index}: {exc}") from None

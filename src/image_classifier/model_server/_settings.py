@@ -11,10 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from image_classifier.constants import DEFAULT_MODEL_BASE_PATH, MODEL_NAME
+from image_classifier.constants import (
+    DEFAULT_HOST,
+    DEFAULT_MODEL_BASE_PATH,
+    DEFAULT_REST_API_PORT,
+    MODEL_NAME,
+    LogLevel,
+)
+from image_classifier.errors import ConfigError
 
-DEFAULT_REST_API_PORT: Final = 8501
-DEFAULT_HOST: Final = "127.0.0.1"
 # TF Serving's default: a new version is noticed within about a second of its rename into place.
 DEFAULT_POLL_WAIT_SECONDS: Final = 1.0
 # A 32x32x3 image is ~30-60 KB of JSON floats, so 64 MiB is ~1000 images: larger is a mistake
@@ -47,7 +52,7 @@ class ModelServerSettings:
     rest_api_num_threads: int = field(default_factory=_default_num_threads)
     max_num_load_retries: int = DEFAULT_MAX_NUM_LOAD_RETRIES
     load_retry_interval_seconds: float = DEFAULT_LOAD_RETRY_INTERVAL_SECONDS
-    log_level: str = "info"
+    log_level: LogLevel = "info"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_base_path", Path(self.model_base_path))
@@ -64,4 +69,4 @@ class ModelServerSettings:
         if self.max_num_load_retries < 0 or self.load_retry_interval_seconds < 0:
             problems.append("max_num_load_retries and load_retry_interval_seconds must be >= 0")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))

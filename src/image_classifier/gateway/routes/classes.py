@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from image_classifier.gateway.deps import BackendDep, require_api_key
-from image_classifier.gateway.errors import error_responses
+from image_classifier.gateway.handlers import error_responses
 from image_classifier.gateway.schemas import ClassesResponse, ClassInfo
 
 router = APIRouter(tags=["model"], dependencies=[Depends(require_api_key)])

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from image_classifier.gateway.deps import BackendDep
-from image_classifier.gateway.errors import ModelUnavailableError, error_responses
+from image_classifier.gateway.errors import ModelUnavailableError
+from image_classifier.gateway.handlers import error_responses
 from image_classifier.gateway.schemas import HealthResponse, ReadyResponse
 
 router = APIRouter(tags=["health"])

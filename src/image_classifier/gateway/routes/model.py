@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends
 
 from image_classifier.gateway.backends import Backend
 from image_classifier.gateway.deps import BackendDep, SettingsDep, require_api_key
-from image_classifier.gateway.errors import BackendError, error_responses
+from image_classifier.gateway.errors import BackendError
+from image_classifier.gateway.handlers import error_responses
 from image_classifier.gateway.schemas import InputContract, ModelInfo
 from image_classifier.gateway.settings import GatewaySettings
 from image_classifier.preprocess import SUPPORTED_FORMATS

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
+from image_classifier.constants import MAX_TOP_K
 from image_classifier.gateway.deps import (
     BackendDep,
     PipelineDep,
@@ -21,15 +22,14 @@ from image_classifier.gateway.errors import (
     InvalidBase64Error,
     TooManyImagesError,
     UnsupportedMediaTypeError,
-    error_responses,
 )
+from image_classifier.gateway.handlers import error_responses
 from image_classifier.gateway.pipeline import Upload, check_declared_type
 from image_classifier.gateway.schemas import (
     PredictImageResponse,
     PredictImagesResponse,
     PredictRequest,
 )
-from image_classifier.gateway.settings import MAX_TOP_K
 
 router = APIRouter(tags=["predict"], dependencies=[Depends(require_api_key)])
 

@@ -1,6 +1,14 @@
 """Errors in TensorFlow Serving's vocabulary: a canonical status code, a message, an HTTP status.
 
-Everything the server refuses is one of these; the app turns them into TF Serving's
+::
+
+    ImageClassifierError (image_classifier.errors)
+    └── ServingError                 any canonical code (status), e.g. from a TensorFlow OpError
+        ├── InvalidArgumentError     INVALID_ARGUMENT -> 400
+        ├── NotFoundError            NOT_FOUND -> 404
+        └── UnimplementedError       UNIMPLEMENTED -> 501
+
+Everything the model server refuses is one of these; its app turns them into TF Serving's
 ``{"error": "<message>"}`` body with the HTTP status TF Serving's REST layer uses for the code.
 TensorFlow's own ``OpError`` (an undecodable image in ``serving_bytes``, say) is mapped here too,
 by its canonical code, so bad input is a 4xx and never a 500.
@@ -88,16 +96,6 @@ class UnimplementedError(ServingError):
     """A TF Serving feature this server does not provide (HTTP 501)."""
 
     status = "UNIMPLEMENTED"
-
-
-class PayloadTooLargeError(ServingError):
-    """The request body is over the size limit (HTTP 413; TF Serving has no such limit)."""
-
-    status = "RESOURCE_EXHAUSTED"
-
-    @property
-    def http_status(self) -> int:
-        return 413
 
 
 # TensorFlow wraps the op's message in graph details: "Graph execution error:", "Detected at

@@ -1,21 +1,16 @@
-"""``image-classifier serve``: the whole service in one command, on the embedded model server.
+"""Runs the embedded model server as a child process for ``image-classifier serve``.
 
-1. Start ``python -m image_classifier.model_server`` (TF-Serving-compatible REST) on the export,
-   as a child process, and wait until it reports the model AVAILABLE.
-2. Run the gateway (tfserving backend, pointed at that child) in this process.
-3. Print where everything is. Keep the child alive: if it dies it is restarted (with backoff)
-   while the gateway answers 503 in the meantime, then 200 again without a gateway restart.
-4. On Ctrl-C or SIGTERM: stop accepting requests, let in-flight ones finish, then stop the
-   child (SIGTERM, then SIGKILL after a grace period). Nothing is left running.
+:class:`ModelServerProcess` starts ``python -m image_classifier model-server`` on the export,
+waits until it reports the model AVAILABLE, watches it from a thread and restarts it (with
+backoff) if it dies, and stops it on request (SIGTERM, then SIGKILL after a grace period).
 
-The child runs in its own session, so a terminal's Ctrl-C reaches only this process and the
-shutdown order above holds; on Linux it is also told to exit if this process dies abruptly.
+The child runs in its own session, so a terminal's Ctrl-C reaches only the parent, which stops
+the gateway first and the child after; on Linux the child is also told to exit if the parent
+dies abruptly, so nothing is left running.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import logging
 import signal
 import socket
@@ -23,32 +18,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 import httpx
 
-from image_classifier.errors import ImageClassifierError, ModelNotFoundError
-from image_classifier.gateway.commands import add_serve_arguments
-from image_classifier.gateway.settings import GatewaySettings, SettingsError, load_settings
+from image_classifier.constants import DEFAULT_HOST, LogLevel
+from image_classifier.errors import ServeError
+from image_classifier.tfserving.rest import model_path
+from image_classifier.tfserving.status import AVAILABLE, parse_status_body
 
-logger = logging.getLogger("image_classifier.gateway.serve")
+logger = logging.getLogger("image_classifier.supervisor")
 
 _STOP_GRACE_S = 10.0
 _MAX_BACKOFF_S = 30.0
 _HEALTHY_AFTER_S = 60.0  # up this long: the next crash starts again from the shortest backoff
-
-
-class ServeError(ImageClassifierError):
-    """The service could not be started (port taken, model server failed to come up...)."""
-
-    code = "serve_error"
-
-
-class _Stop(BaseException):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
 
 
 def _exit_with_parent() -> None:
@@ -73,7 +56,7 @@ class ModelServerProcess:
         port: int,
         restart: bool = True,
         python: str = sys.executable,
-        log_level: str = "info",
+        log_level: LogLevel = "info",
     ) -> None:
         self.model_base_path = model_base_path
         self.model_name = model_name
@@ -81,7 +64,7 @@ class ModelServerProcess:
         self.restart = restart
         self.python = python
         self.log_level = log_level
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{DEFAULT_HOST}:{port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self._stopping = threading.Event()
@@ -93,9 +76,10 @@ class ModelServerProcess:
         return [
             self.python,
             "-m",
-            "image_classifier.model_server",
+            "image_classifier",
+            "model-server",
             "--host",
-            "127.0.0.1",
+            DEFAULT_HOST,
             "--rest_api_port",
             str(self.port),
             "--model_name",
@@ -125,18 +109,16 @@ class ModelServerProcess:
     def model_state(self, client: httpx.Client) -> tuple[str | None, str]:
         """(state, load error) from the status endpoint; (None, "") while it does not answer."""
         try:
-            body = client.get(f"{self.url}/v1/models/{self.model_name}").json()
+            body = client.get(f"{self.url}{model_path(self.model_name)}").json()
         except (httpx.HTTPError, ValueError):
             return None, ""
-        entries = body.get("model_version_status", []) if isinstance(body, dict) else []
-        entries = [e for e in entries if isinstance(e, dict)]
-        if any(e.get("state") == "AVAILABLE" for e in entries):
-            return "AVAILABLE", ""
-        for entry in entries:
-            status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
-            if status.get("error_code", "OK") not in ("OK", 0):
-                return entry.get("state"), str(status.get("error_message") or status)
-        return (entries[0].get("state") if entries else None), ""
+        statuses = parse_status_body(body)
+        if any(s.state == AVAILABLE for s in statuses):
+            return AVAILABLE, ""
+        for status in statuses:
+            if status.failed:
+                return status.state, status.error_message or status.error_code
+        return (statuses[0].state if statuses else None), ""
 
     def wait_until_available(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -149,7 +131,7 @@ class ModelServerProcess:
                         "model became AVAILABLE (its log is above)"
                     )
                 state, error = self.model_state(client)
-                if state == "AVAILABLE":
+                if state == AVAILABLE:
                     return
                 if error:
                     # The server would retry the load for minutes; the export is what to fix.
@@ -220,7 +202,8 @@ class ModelServerProcess:
             self._watchdog.join(timeout=2.0)
 
 
-def _check_port_free(host: str, port: int, what: str) -> None:
+def check_port_free(host: str, port: int, what: str, flag: str) -> None:
+    """Raise :class:`ServeError` naming ``flag`` if ``port`` cannot be bound on ``host``."""
     bind_host = "" if host in ("0.0.0.0", "::") else host
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -229,112 +212,5 @@ def _check_port_free(host: str, port: int, what: str) -> None:
         except OSError as exc:
             raise ServeError(
                 f"{what} port {port} on {host or 'all interfaces'} is not free ({exc.strerror}); "
-                f"pick another with --{'port' if what == 'gateway' else 'model-port'}"
+                f"pick another with {flag}"
             ) from None
-
-
-def _display_host(host: str) -> str:
-    return "localhost" if host in ("0.0.0.0", "::", "") else host
-
-
-def _banner(settings: GatewaySettings, model: ModelServerProcess) -> str:
-    base = f"http://{_display_host(settings.host)}:{settings.port}"
-    return "\n".join(
-        [
-            "",
-            f"  Web page:      {base}/",
-            f"  API docs:      {base}/docs",
-            f"  Readiness:     {base}/ready     Metrics: {base}/metrics",
-            f"  Model server:  {model.url}/v1/models/{model.model_name}  (pid {model.pid})",
-            "  Press Ctrl-C to stop both.",
-            "",
-        ]
-    )
-
-
-def serve_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """``image-classifier serve``: a Namespace from the CLI's subparser, or raw argv."""
-    if not isinstance(args, argparse.Namespace):
-        parser = argparse.ArgumentParser(
-            prog="image-classifier serve",
-            description="Start the embedded model server and the gateway; Ctrl-C stops both.",
-        )
-        add_serve_arguments(parser)
-        args = parser.parse_args(args)
-
-    from image_classifier.gateway.run import LOG_FORMAT, build_server
-
-    logging.basicConfig(
-        level=args.log_level.upper(), format=LOG_FORMAT.replace(" [%(request_id)s]", "")
-    )
-    base_path = Path(args.model_base_path)
-    try:
-        from image_classifier.servable import resolve_version_dir
-
-        version_dir = resolve_version_dir(base_path)
-        _check_port_free(args.host, args.port, "gateway")
-        _check_port_free("127.0.0.1", args.model_port, "model server")
-        settings = load_settings(
-            host=args.host,
-            port=args.port,
-            backend="tfserving",
-            tf_serving_url=f"http://127.0.0.1:{args.model_port}",
-            model_name=args.model_name,
-            model_card_path=base_path,
-            log_level=args.log_level,
-        )
-    except ModelNotFoundError as exc:
-        print(
-            f"error: {exc}\nTrain and export a model first (`image-classifier train`), or "
-            "point --model-base-path at an export.",
-            file=sys.stderr,
-        )
-        return 2
-    except (ServeError, SettingsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    model = ModelServerProcess(
-        model_base_path=base_path,
-        model_name=args.model_name,
-        port=args.model_port,
-        restart=not args.no_restart,
-        log_level=args.log_level,
-    )
-    previous_term = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> Any:
-        raise _Stop()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    print(f"Starting the model server for {version_dir} on port {args.model_port}...", flush=True)
-    try:
-        model.spawn()
-        model.wait_until_available(args.startup_timeout)
-        model.start_watchdog()
-        server = build_server(settings)
-        original_startup = server.startup
-
-        async def startup_then_banner(sockets: Any = None) -> None:
-            await original_startup(sockets=sockets)
-            if server.started:
-                print(_banner(settings, model), flush=True)
-
-        server.startup = startup_then_banner  # type: ignore[method-assign]
-        server.run()
-        return 0 if server.started else 1
-    except ServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, _Stop):
-        return 0
-    finally:
-        with contextlib.suppress(KeyboardInterrupt, _Stop):
-            print("Stopping...", flush=True)
-            model.stop()
-            print("Stopped.", flush=True)
-        signal.signal(signal.SIGTERM, previous_term)
-
-
-if __name__ == "__main__":
-    sys.exit(serve_main(sys.argv[1:]))

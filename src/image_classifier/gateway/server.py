@@ -1,16 +1,22 @@
-"""Running the gateway: ``run_gateway(settings)`` and the ``image-classifier gateway`` command."""
+"""Running the gateway in this process: uvicorn with the gateway's logging, until stopped.
+
+The CLI's ``gateway`` and ``serve`` commands call :func:`run_gateway` / :func:`build_server`;
+nothing here parses arguments or starts processes.
+"""
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
-from image_classifier.gateway.commands import add_gateway_arguments
-from image_classifier.gateway.settings import GatewaySettings, SettingsError, load_settings
+import uvicorn
 
+from image_classifier.gateway.app import create_app
+from image_classifier.gateway.settings import GatewaySettings
+
+# Log lines inside a request carry its id; PLAIN_LOG_FORMAT is for lines outside any request.
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s"
+PLAIN_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s %(message)s"
 
 
 def logging_config(level: str) -> dict[str, Any]:
@@ -41,12 +47,25 @@ def logging_config(level: str) -> dict[str, Any]:
     }
 
 
-def build_server(settings: GatewaySettings) -> Any:
-    """A ``uvicorn.Server`` for the gateway (``serve`` runs it beside the model server)."""
-    import uvicorn
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, plus a callback once its sockets listen (``serve`` prints its URLs)."""
 
-    from image_classifier.gateway.app import create_app
+    def __init__(
+        self, config: uvicorn.Config, on_started: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(config)
+        self._on_started = on_started
 
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self._on_started is not None:
+            self._on_started()
+
+
+def build_server(
+    settings: GatewaySettings, on_started: Callable[[], None] | None = None
+) -> GatewayServer:
+    """The gateway's server, not yet running (``serve`` runs it beside the model server)."""
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -58,7 +77,7 @@ def build_server(settings: GatewaySettings) -> Any:
         # In-flight predictions get this long to finish on Ctrl-C / SIGTERM.
         timeout_graceful_shutdown=10,
     )
-    return uvicorn.Server(config)
+    return GatewayServer(config, on_started)
 
 
 def run_gateway(settings: GatewaySettings) -> int:
@@ -66,34 +85,3 @@ def run_gateway(settings: GatewaySettings) -> int:
     server = build_server(settings)
     server.run()
     return 0 if server.started else 1
-
-
-def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
-    names = (
-        "host",
-        "port",
-        "tf_serving_url",
-        "backend",
-        "model_base_path",
-        "model_card_path",
-        "model_name",
-        "log_level",
-    )
-    return load_settings(**{name: getattr(args, name, None) for name in names})
-
-
-def gateway_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """``image-classifier gateway``: a Namespace from the CLI's subparser, or raw argv."""
-    if not isinstance(args, argparse.Namespace):
-        parser = argparse.ArgumentParser(
-            prog="image-classifier gateway",
-            description="Run the HTTP gateway (web page, REST API, /docs) in front of the model.",
-        )
-        add_gateway_arguments(parser)
-        args = parser.parse_args(args)
-    try:
-        settings = settings_from_args(args)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run_gateway(settings)

@@ -9,21 +9,17 @@ TensorFlow or the web stack until the server actually starts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from image_classifier.cli._common import SubParsers
+from image_classifier.constants import DEFAULT_HOST, DEFAULT_REST_API_PORT, LOG_LEVELS
 from image_classifier.model_server._settings import (
-    DEFAULT_HOST,
     DEFAULT_LOAD_RETRY_INTERVAL_SECONDS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_NUM_LOAD_RETRIES,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_POLL_WAIT_SECONDS,
-    DEFAULT_REST_API_PORT,
     ModelServerSettings,
 )
 
@@ -37,8 +33,12 @@ DESCRIPTION = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the model server's flags to ``parser`` (shared by the CLI and ``python -m``)."""
+def register(subparsers: SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "model-server",
+        help="serve the SavedModel with TensorFlow Serving's REST API",
+        description=DESCRIPTION,
+    )
     defaults = ModelServerSettings()
     parser.add_argument(
         "--rest_api_port",
@@ -111,10 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--log_level",
         default="info",
-        choices=["critical", "error", "warning", "info", "debug"],
+        choices=LOG_LEVELS,
         help="default info; debug also logs every request",
     )
-    return parser
+    parser.set_defaults(func=run)
 
 
 def settings_from_args(args: argparse.Namespace) -> ModelServerSettings:
@@ -133,59 +133,12 @@ def settings_from_args(args: argparse.Namespace) -> ModelServerSettings:
     )
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Entry point for parsed ``model-server`` arguments; blocks until the server stops."""
-    try:
-        settings = settings_from_args(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    """Blocks until the server stops; an invalid flag value is a ConfigError (one line)."""
+    from image_classifier.model_server import run_model_server
+
+    settings = settings_from_args(args)
     if args.port is not None:
         logger.warning("--port=%d ignored: this server speaks REST only (no gRPC)", args.port)
     run_model_server(settings)
     return 0
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``model-server`` subcommand; its parsed args go to :func:`run_from_args`."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "model-server",
-        help="serve the SavedModel with TensorFlow Serving's REST API",
-        description=DESCRIPTION,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run_from_args)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m image_classifier.model_server [flags]``."""
-    parser = argparse.ArgumentParser(prog="image-classifier model-server", description=DESCRIPTION)
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-def run_model_server(settings: ModelServerSettings | None = None, **overrides: Any) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM shut down gracefully).
-
-    ``run_model_server(model_base_path="saved_models/image_classifier", rest_api_port=8501)``
-    works too: keyword arguments override fields of ``settings``.
-    """
-    import uvicorn
-
-    from image_classifier.model_server._app import create_app
-
-    settings = dataclasses.replace(settings or ModelServerSettings(), **overrides)
-    level = getattr(logging, settings.log_level.upper(), logging.INFO)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("image_classifier").setLevel(level)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.rest_api_port,
-        log_level=settings.log_level,
-        access_log=settings.log_level == "debug",
-        timeout_graceful_shutdown=10,
-    )
-    uvicorn.Server(config).run()

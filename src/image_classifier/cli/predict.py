@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import mimetypes
+import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
+from image_classifier.cli._common import SubParsers
+from image_classifier.constants import DEFAULT_GATEWAY_URL, DEFAULT_TOP_K, MAX_TOP_K
 
-from image_classifier.gateway.commands import add_predict_arguments
+if TYPE_CHECKING:
+    import httpx  # imported when the command runs: the CLI must build without the web stack
 
 EXIT_OK, EXIT_IMAGE_FAILED, EXIT_UNREACHABLE = 0, 1, 3
 _BAR_WIDTH = 30
@@ -27,7 +29,40 @@ class GatewayUnreachableError(Exception):
     """The gateway did not answer at all (refused, DNS, timeout)."""
 
 
+def register(subparsers: SubParsers) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="classify image files with a running gateway",
+        description="Send each IMAGE to the gateway's /predict-image and print its top classes. "
+        "Exit status: 0 all classified, 1 some image refused, 3 gateway unreachable.",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("GATEWAY_URL", DEFAULT_GATEWAY_URL),
+        help=f"gateway base URL (GATEWAY_URL, default {DEFAULT_GATEWAY_URL})",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        choices=range(1, MAX_TOP_K + 1),
+        metavar="K",
+        help=f"classes to show per image, 1-{MAX_TOP_K} (default {DEFAULT_TOP_K})",
+    )
+    parser.add_argument("--json", action="store_true", help="print the answers as one JSON array")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("GATEWAY_API_KEY") or None,
+        help="sent as X-API-Key when the gateway requires one (GATEWAY_API_KEY)",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    parser.set_defaults(func=run)
+
+
 def _client(url: str, api_key: str | None, timeout: float) -> httpx.Client:
+    import httpx
+
     host = urlsplit(url).hostname or ""
     headers = {"X-API-Key": api_key} if api_key else {}
     return httpx.Client(
@@ -44,6 +79,8 @@ def classify_file(client: httpx.Client, path: Path, top_k: int) -> dict[str, Any
 
     Raises :class:`GatewayUnreachableError` when there is no answer at all.
     """
+    import httpx
+
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -103,22 +140,7 @@ def format_result(image: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def predict_main(
-    args: argparse.Namespace | Sequence[str] | None = None,
-    *,
-    stdout: TextIO | None = None,
-    stderr: TextIO | None = None,
-) -> int:
-    """``image-classifier predict``: a Namespace from the CLI's subparser, or raw argv."""
-    out, err = stdout or sys.stdout, stderr or sys.stderr
-    if not isinstance(args, argparse.Namespace):
-        parser = argparse.ArgumentParser(
-            prog="image-classifier predict",
-            description="Classify image files with a running gateway.",
-        )
-        add_predict_arguments(parser)
-        args = parser.parse_args(args)
-
+def run(args: argparse.Namespace) -> int:
     collected: list[dict[str, Any]] = []
     failed = False
     with _client(args.url, args.api_key, args.timeout) as client:
@@ -126,19 +148,13 @@ def predict_main(
             try:
                 result = classify_file(client, Path(name), args.top_k)
             except GatewayUnreachableError as exc:
-                print(f"error: {exc}", file=err)
+                print(f"error: {exc}", file=sys.stderr)
                 return EXIT_UNREACHABLE
             failed = failed or "error" in result
             if args.json:
                 collected.append({"image": name, **result})
-            elif "error" in result:
-                print(format_result(name, result), file=err)
             else:
-                print(format_result(name, result), file=out)
+                print(format_result(name, result), file=sys.stderr if "error" in result else None)
     if args.json:
-        print(json.dumps(collected, indent=2), file=out)
+        print(json.dumps(collected, indent=2))
     return EXIT_IMAGE_FAILED if failed else EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(predict_main(sys.argv[1:]))

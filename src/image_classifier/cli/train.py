@@ -1,0 +1,130 @@
+"""``image-classifier train``: train the TCN and export the next SavedModel version."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from image_classifier.cli._common import SubParsers, int_tuple
+from image_classifier.constants import DEFAULT_MODEL_BASE_PATH
+
+
+def register(subparsers: SubParsers) -> None:
+    from image_classifier.model import ModelConfig
+    from image_classifier.train import TrainConfig
+
+    m, t = ModelConfig(), TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train the TCN and export a new SavedModel version",
+        description="Train on CIFAR-10 batches or an image folder, keep the epoch with the best "
+        "validation accuracy, and export it as <model-base-path>/<next version>/ with its "
+        "history, training curves and model card. Ctrl-C exports the best epoch so far.",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="cifar-10-batches-py directory or an image-folder tree "
+        "(root/<class>/*.jpg); omitted: download CIFAR-10 via keras.datasets",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help='JSON file {"model": {...}, "train": {...}}; command-line flags override it',
+    )
+    p.add_argument("--model-base-path", default=DEFAULT_MODEL_BASE_PATH)
+    p.add_argument("--version", type=int, help="version number to write (default: next free)")
+    p.add_argument("--run-dir", help="where checkpoints and logs go (default runs/<timestamp>)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"default {t.epochs}")
+    g.add_argument("--batch-size", type=int, help=f"default {t.batch_size}")
+    g.add_argument(
+        "--learning-rate", type=float, help=f"peak LR at batch 512, default {t.learning_rate}"
+    )
+    g.add_argument("--weight-decay", type=float, help=f"default {t.weight_decay}")
+    g.add_argument("--label-smoothing", type=float, help=f"default {t.label_smoothing}")
+    g.add_argument("--warmup-fraction", type=float, help=f"default {t.warmup_fraction}")
+    g.add_argument("--early-stopping-patience", type=int, help="epochs without improvement")
+    g.add_argument("--validation-size", type=int, help=f"default {t.validation_size}")
+    g.add_argument("--seed", type=int, help=f"default {t.seed}")
+    g.add_argument(
+        "--precision", choices=["float32", "mixed_bfloat16"], help=f"default {t.precision}"
+    )
+    g.add_argument(
+        "--flip-tta",
+        action=argparse.BooleanOptionalAction,
+        help="export averages each image with its mirror (default on)",
+    )
+    a = p.add_argument_group("architecture")
+    a.add_argument(
+        "--stem-filters",
+        type=int_tuple,
+        help=f"default {m.stem_filters}; empty string: no stem (pixel sequence)",
+    )
+    a.add_argument("--layout", choices=["raster", "rows"], help=f"default {m.layout}")
+    a.add_argument("--tcn-filters", type=int, help=f"default {m.tcn_filters}")
+    a.add_argument("--kernel-size", type=int, help=f"default {m.kernel_size}")
+    a.add_argument("--dilations", type=int_tuple, help=f"default {m.dilations}")
+    a.add_argument("--dropout", type=float, help=f"default {m.dropout}")
+    a.add_argument("--norm", choices=["batch", "layer"], help=f"default {m.norm}")
+    p.set_defaults(func=run)
+
+
+_TRAIN_FLAGS = (
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "label_smoothing",
+    "warmup_fraction",
+    "early_stopping_patience",
+    "validation_size",
+    "seed",
+    "precision",
+    "flip_tta",
+)
+_MODEL_FLAGS = (
+    "stem_filters",
+    "layout",
+    "tcn_filters",
+    "kernel_size",
+    "dilations",
+    "dropout",
+    "norm",
+)
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from image_classifier.train import load_configs, train_from_dir
+
+    model_config, train_config = load_configs(
+        args.config,
+        model_overrides=_given(args, _MODEL_FLAGS),
+        train_overrides=_given(args, _TRAIN_FLAGS),
+    )
+    result = train_from_dir(
+        args.data_dir,
+        model_config=model_config,
+        train_config=train_config,
+        model_base_path=args.model_base_path,
+        version=args.version,
+        run_dir=args.run_dir,
+    )
+    print(
+        json.dumps(
+            {
+                "export_dir": str(result.export_dir),
+                "best_val_accuracy": round(result.best_val_accuracy, 4),
+                "epochs_run": result.epochs_run,
+                "training_seconds": round(result.training_seconds, 1),
+                "interrupted": result.interrupted,
+            },
+            indent=2,
+        )
+    )
+    return 0

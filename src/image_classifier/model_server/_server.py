@@ -1,0 +1,39 @@
+"""Running the model server in this process: uvicorn until interrupted.
+
+The CLI's ``model-server`` command calls :func:`run_model_server`; nothing here parses
+arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from image_classifier.model_server._settings import ModelServerSettings
+
+
+def run_model_server(settings: ModelServerSettings | None = None, **overrides: Any) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM shut down gracefully).
+
+    ``run_model_server(model_base_path="saved_models/image_classifier", rest_api_port=8501)``
+    works too: keyword arguments override fields of ``settings``.
+    """
+    import uvicorn
+
+    from image_classifier.model_server._app import create_app
+
+    settings = dataclasses.replace(settings or ModelServerSettings(), **overrides)
+    level = getattr(logging, settings.log_level.upper(), logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("image_classifier").setLevel(level)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.rest_api_port,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,131 @@
+"""Read TensorFlow Serving's text-proto config files the way the model server reads them.
+
+TF Serving parses ``--model_config_file``, ``--batching_parameters_file`` and
+``--monitoring_config_file`` as protobuf text format into its own messages (``ModelServerConfig``,
+``BatchingParameters``, ``MonitoringConfig``) and refuses to start on an unknown field or a value
+of the wrong type. Parsing with those same message types, from the ``tensorflow_serving`` package
+that TF Serving publishes, makes a config that passes here one the server accepts: a field renamed
+or retyped upstream shows up as a parse error when the pinned version moves, instead of going
+unnoticed by a copy of the schema kept here.
+
+``tensorflow_serving`` (and protobuf's text parser) are imported inside the functions, so
+importing this module stays cheap for code that never reads a config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from image_classifier.errors import ImageClassifierError
+
+__all__ = [
+    "ConfigError",
+    "parse_batching_parameters",
+    "parse_model_server_config",
+    "parse_monitoring_config",
+    "read_text_proto",
+    "validate_batching_parameters",
+]
+
+# The generated tensorflow_serving modules ship no type stubs: their messages are Any to mypy.
+Message = TypeVar("Message")
+
+# What the scheduler uses when max_batch_size is left out (TF's BatchScheduler QueueOptions
+# input_batch_size_limit); TF Serving compares the last allowed batch size against it then.
+DEFAULT_MAX_BATCH_SIZE = 1000
+
+
+class ConfigError(ImageClassifierError):
+    """A TF Serving config file cannot be read or parsed, or the server would refuse it."""
+
+    code = "invalid_config"
+
+
+def _message_class(module: str, name: str) -> Any:
+    # import_module rather than an import statement: lazy, and typed as Any without a stub.
+    return getattr(importlib.import_module(module), name)
+
+
+def _parse(text: str, message: Any, source: str) -> Any:
+    # Untyped unless types-protobuf is installed; the project does not depend on it.
+    from google.protobuf import text_format  # type: ignore[import-untyped, unused-ignore]
+
+    try:
+        return text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        # protobuf's message already says line:column and what is wrong; the chained traceback
+        # would only add parser internals.
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def parse_model_server_config(text: str, source: str = "<text>") -> Any:
+    """``--model_config_file`` contents as a ``tensorflow.serving.ModelServerConfig``."""
+    cls = _message_class("tensorflow_serving.config.model_server_config_pb2", "ModelServerConfig")
+    return _parse(text, cls(), source)
+
+
+def parse_batching_parameters(text: str, source: str = "<text>") -> Any:
+    """``--batching_parameters_file`` contents as a ``tensorflow.serving.BatchingParameters``."""
+    cls = _message_class(
+        "tensorflow_serving.servables.tensorflow.session_bundle_config_pb2", "BatchingParameters"
+    )
+    return _parse(text, cls(), source)
+
+
+def parse_monitoring_config(text: str, source: str = "<text>") -> Any:
+    """``--monitoring_config_file`` contents as a ``tensorflow.serving.MonitoringConfig``."""
+    cls = _message_class("tensorflow_serving.config.monitoring_config_pb2", "MonitoringConfig")
+    return _parse(text, cls(), source)
+
+
+def read_text_proto(path: str | Path, parse: Callable[[str, str], Message]) -> Message:
+    """Read the file at ``path`` and parse it with one of the ``parse_*`` functions above."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text, str(path))
+
+
+def validate_batching_parameters(params: Any, source: str = "<batching parameters>") -> None:
+    """Refuse what TF Serving refuses when it sets up batching with ``params``.
+
+    Its checks (batching_session.cc, bundle_factory_util.cc): a thread count, queue length and
+    batch size of at least one, and allowed batch sizes that increase, with the last one equal to
+    the largest batch the scheduler forms (``max_execution_batch_size`` when large batches are
+    split, ``max_batch_size`` otherwise).
+    """
+    for field in ("max_batch_size", "num_batch_threads", "max_enqueued_batches"):
+        # Int64Value wrappers: unset means "use the server default", which is valid.
+        if params.HasField(field) and getattr(params, field).value < 1:
+            raise ConfigError(
+                f"{source}: {field} must be at least 1, got {getattr(params, field).value}"
+            )
+
+    sizes = list(params.allowed_batch_sizes)
+    if not sizes:
+        return  # no padding to fixed sizes; nothing more to check
+    if sizes[0] < 1 or any(b <= a for a, b in itertools.pairwise(sizes)):
+        raise ConfigError(
+            f"{source}: allowed_batch_sizes must be positive and strictly increasing, got {sizes}"
+        )
+
+    max_batch_size = (
+        params.max_batch_size.value if params.HasField("max_batch_size") else DEFAULT_MAX_BATCH_SIZE
+    )
+    splitting = params.HasField("enable_large_batch_splitting") and (
+        params.enable_large_batch_splitting.value
+    )
+    if splitting and params.HasField("max_execution_batch_size"):
+        limit, limit_name = params.max_execution_batch_size.value, "max_execution_batch_size"
+    else:
+        limit, limit_name = max_batch_size, "max_batch_size"
+    if sizes[-1] != limit:
+        raise ConfigError(
+            f"{source}: the last allowed_batch_sizes entry must equal {limit_name} ({limit}), "
+            f"got {sizes[-1]}"
+        )
