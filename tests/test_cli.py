@@ -115,3 +115,70 @@ def test_train_then_evaluate_from_the_command_line(
 
     assert main(["evaluate", "--model-dir", str(models), *common, "--split", "validation"]) == 0
     assert json.loads(capsys.readouterr().out)["num_images"] == 40
+
+
+@pytest.mark.parametrize(
+    ("config_text", "expected"),
+    [
+        ('{"model": {"tcn_filterz": 8}}', "unknown model config keys: ['tcn_filterz']"),
+        ('{"train": {"epochz": 1}}', "unknown train config keys: ['epochz']"),
+        ('{"model": ', "is not valid JSON"),
+        ('{"optimizer": {}}', 'must be a JSON object with "model" and/or "train" keys'),
+        ('{"model": [1, 2]}', '"model" in'),
+    ],
+)
+def test_a_bad_train_config_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config_text: str, expected: str
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(config_text, encoding="utf-8")
+
+    code = main(["train", "--config", str(config), "--data-dir", str(tmp_path)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and expected in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_missing_config_file_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["train", "--config", str(tmp_path / "absent.json")])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: cannot read") and "absent.json" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_an_invalid_model_server_flag_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["model-server", "--rest_api_port", "70000", "--model_name", "a:b"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and "rest_api_port" in err and "model_name" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_make_request_for_a_missing_picture_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["make-request", str(tmp_path / "absent.jpg"), "-o", str(tmp_path / "out.json")])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: cannot access") and "absent.jpg" in err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from image_classifier import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"image-classifier {__version__}"

@@ -792,12 +792,10 @@ def test_broken_tf_serving_config_is_refused(
 
 
 def model_versions() -> list[Path]:
-    if not MODEL_BASE.is_dir():
-        return []
-    return sorted(
-        (p for p in MODEL_BASE.iterdir() if p.is_dir() and p.name.isdigit()),
-        key=lambda p: int(p.name),
-    )
+    # The project's one version listing: integer directories, as TF Serving sees them.
+    from image_classifier.servable import list_versions
+
+    return [MODEL_BASE / str(version) for version in list_versions(MODEL_BASE)]
 
 
 MISSING_MODEL = (

@@ -1,9 +1,12 @@
 """CIFAR-10 image classification with a Temporal Convolutional Network.
 
-Stages, one module each, in the order a picture travels: :mod:`constants` (the contract),
-:mod:`preprocess`, :mod:`data`, :mod:`model`, :mod:`train`, :mod:`export`, :mod:`evaluate`,
-:mod:`model_server`, :mod:`gateway`, :mod:`cli`. Importing the package imports neither
-TensorFlow nor the web stack.
+The shared contract: :mod:`constants`, :mod:`errors`, :mod:`preprocess`. The model's life, one
+module each: :mod:`data`, :mod:`model`, :mod:`train`, :mod:`export`, :mod:`servable` (versions on
+disk), :mod:`evaluate`, :mod:`plots`. Serving: :mod:`tfserving` (TF Serving's protocol, defined
+once), :mod:`model_server` (the embedded TF-Serving-compatible server), :mod:`gateway` (the HTTP
+API in front of it), :mod:`supervisor` (runs the model server for ``serve``), :mod:`client`
+(request bodies from pictures). :mod:`cli` wraps it all as ``image-classifier``. Importing the
+package imports neither TensorFlow nor the web stack.
 """
 
 from image_classifier.constants import CIFAR10_CLASSES, IMAGE_SIZE, MODEL_NAME, NUM_CLASSES

@@ -197,16 +197,17 @@ def env_var_name(field: str) -> str:
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    lines = ["invalid gateway settings:"]
+    """One line: each invalid variable, its value (never a key's) and what is wrong with it."""
+    problems = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else ""
         message = error["msg"].removeprefix("Value error, ")
         if field:
             shown = repr(error["input"]) if not field.endswith("api_key") else "***"
-            lines.append(f"  {env_var_name(field)} ({field}) = {shown}: {message}")
+            problems.append(f"{env_var_name(field)} ({field}) = {shown}: {message}")
         else:
-            lines.append(f"  {message}")
-    return "\n".join(lines)
+            problems.append(message)
+    return "invalid gateway settings: " + "; ".join(problems)
 
 
 def load_settings(**overrides: Any) -> GatewaySettings:

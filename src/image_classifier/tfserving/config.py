@@ -3,10 +3,11 @@
 TF Serving parses ``--model_config_file``, ``--batching_parameters_file`` and
 ``--monitoring_config_file`` as protobuf text format into its own messages (``ModelServerConfig``,
 ``BatchingParameters``, ``MonitoringConfig``) and refuses to start on an unknown field or a value
-of the wrong type. Parsing with those same message types, from the ``tensorflow_serving`` package
-that TF Serving publishes, makes a config that passes here one the server accepts: a field renamed
-or retyped upstream shows up as a parse error when the pinned version moves, instead of going
-unnoticed by a copy of the schema kept here.
+of the wrong type. ``ModelServerConfig`` is parsed with TF Serving's own generated type from the
+``tensorflow-serving-api`` package it publishes, so a field renamed or retyped upstream shows up
+as a parse error when the pinned version moves. That wheel does not ship the other two; they are
+declared in :mod:`._config_messages` with TF Serving's names and types, and parsed by the same
+protobuf text parser.
 
 ``tensorflow_serving`` (and protobuf's text parser) are imported inside the functions, so
 importing this module stays cheap for code that never reads a config.
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from image_classifier.errors import ImageClassifierError
+from image_classifier.errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -37,12 +38,6 @@ Message = TypeVar("Message")
 # What the scheduler uses when max_batch_size is left out (TF's BatchScheduler QueueOptions
 # input_batch_size_limit); TF Serving compares the last allowed batch size against it then.
 DEFAULT_MAX_BATCH_SIZE = 1000
-
-
-class ConfigError(ImageClassifierError):
-    """A TF Serving config file cannot be read or parsed, or the server would refuse it."""
-
-    code = "invalid_config"
 
 
 def _message_class(module: str, name: str) -> Any:
@@ -70,16 +65,16 @@ def parse_model_server_config(text: str, source: str = "<text>") -> Any:
 
 def parse_batching_parameters(text: str, source: str = "<text>") -> Any:
     """``--batching_parameters_file`` contents as a ``tensorflow.serving.BatchingParameters``."""
-    cls = _message_class(
-        "tensorflow_serving.servables.tensorflow.session_bundle_config_pb2", "BatchingParameters"
-    )
-    return _parse(text, cls(), source)
+    from image_classifier.tfserving._config_messages import message_classes
+
+    return _parse(text, message_classes()["BatchingParameters"](), source)
 
 
 def parse_monitoring_config(text: str, source: str = "<text>") -> Any:
     """``--monitoring_config_file`` contents as a ``tensorflow.serving.MonitoringConfig``."""
-    cls = _message_class("tensorflow_serving.config.monitoring_config_pb2", "MonitoringConfig")
-    return _parse(text, cls(), source)
+    from image_classifier.tfserving._config_messages import message_classes
+
+    return _parse(text, message_classes()["MonitoringConfig"](), source)
 
 
 def read_text_proto(path: str | Path, parse: Callable[[str, str], Message]) -> Message:
