@@ -21,6 +21,7 @@ from image_classifier.errors import (
     InvalidImageError,
     NotAnImageError,
     TruncatedImageError,
+    UnsupportedImageError,
 )
 from image_classifier.preprocess import (
     ALPHA_BACKGROUND,
@@ -28,8 +29,9 @@ from image_classifier.preprocess import (
     MAX_PIXELS,
     MAX_SIDE,
     center_crop_box,
-    check_encoded_pixels,
+    check_encoded_image,
     decode_image,
+    decoded_pixels,
     normalize,
     preprocess_image,
     resize_to_input,
@@ -695,7 +697,47 @@ def test_encoded_pixel_check_counts_gif_frames_and_passes_unknown_bytes() -> Non
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
     gif = buffer.getvalue()
-    check_encoded_pixels(gif, max_pixels=30_000)  # 3 x 10,000 pixels: allowed
+    assert check_encoded_image(gif, max_pixels=30_000) == 30_000  # 3 x 10,000 pixels: allowed
     with pytest.raises(ImageTooLargeError, match=r"30,000 pixels \(100x100 x 3 frames\)"):
-        check_encoded_pixels(gif, max_pixels=29_999)
-    check_encoded_pixels(b"not an image", max_pixels=1)  # the decoder's to judge
+        check_encoded_image(gif, max_pixels=29_999)
+    assert check_encoded_image(b"not an image", max_pixels=1) == 0  # the decoder's to judge
+
+
+def test_encoded_image_check_refuses_animated_webp_but_not_a_still_one() -> None:
+    # TensorFlow's in-graph WebP decoder aborts the whole process on an animated WebP.
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    animated, still = io.BytesIO(), io.BytesIO()
+    frames[0].save(animated, "WEBP", save_all=True, append_images=frames[1:])
+    frames[0].save(still, "WEBP")
+    with pytest.raises(UnsupportedImageError, match="animated WebP"):
+        check_encoded_image(animated.getvalue())
+    assert check_encoded_image(still.getvalue()) == 32 * 32
+    # The Python path decodes its first frame, as it does for GIF.
+    assert preprocess_image(animated.getvalue()).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    ("size", "error"),
+    [
+        ((20_001, 1_000), ImageDimensionsError),
+        ((2_100, 100), ImageDimensionsError),
+        ((8_000, 7_000), ImageTooLargeError),
+    ],
+)
+def test_both_decoders_apply_one_dimension_rule(
+    size: tuple[int, int], error: type[Exception]
+) -> None:
+    data = _encode(Image.new("1", size), "PNG")
+    with pytest.raises(error):
+        check_encoded_image(data, max_pixels=50_000_000)
+    with pytest.raises(error):
+        preprocess_image(data)
+
+
+def test_decoded_pixels_counts_the_reduced_jpeg_decode() -> None:
+    photo = _encode(Image.new("RGB", (4000, 3000), "gray"), "JPEG")
+    png = _encode(Image.new("RGB", (400, 300), "gray"), "PNG")
+    # Draft mode decodes a 4000x3000 JPEG at 1/8 scale: 500x375.
+    assert decoded_pixels(photo) == 500 * 375
+    assert decoded_pixels(png) == 400 * 300
+    assert decoded_pixels(b"garbage") == 0

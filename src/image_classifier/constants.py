@@ -38,6 +38,17 @@ DEFAULT_GATEWAY_PORT: Final = 8000
 DEFAULT_TF_SERVING_URL: Final = f"http://localhost:{DEFAULT_REST_API_PORT}"
 DEFAULT_GATEWAY_URL: Final = f"http://localhost:{DEFAULT_GATEWAY_PORT}"
 
+# How long a client may take to send a request, and how many connections a server takes, for
+# both HTTP servers (a slow or stalled client must not hold a connection for ever).
+DEFAULT_HEADER_TIMEOUT_S: Final = 10.0
+DEFAULT_BODY_TIMEOUT_S: Final = 10.0
+DEFAULT_MAX_CONNECTIONS: Final = 256
+
+# Decoded pixels a request may hold, and a server may hold at once across requests: a PNG of a
+# blank 7000x7000 canvas is a few kB on the wire and 147 MB decoded (more inside TensorFlow).
+MAX_REQUEST_PIXELS: Final = 100_000_000
+DECODE_BUDGET_PIXELS: Final = 100_000_000
+
 # How many classes an answer lists.
 DEFAULT_TOP_K: Final = 3
 MAX_TOP_K: Final = NUM_CLASSES

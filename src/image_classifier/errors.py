@@ -6,8 +6,11 @@ the model server and the CLI map them to HTTP statuses and exit codes in one pla
     ImageClassifierError
     ├── InvalidImageError (also ValueError)       the bytes cannot become a model input
     │   ├── EmptyImageError, NotAnImageError, TruncatedImageError
-    │   └── ImageTooLargeError, ImageDimensionsError
+    │   ├── ImageTooLargeError, ImageDimensionsError
+    │   └── UnsupportedImageError                 an image one of the decoders cannot take
     ├── PayloadTooLargeError                      a request body over a server's size limit
+    ├── RequestTimeoutError                       a request body that stopped arriving
+    ├── OverloadedError                           a server is at a limit; retry shortly
     ├── ConfigError (also ValueError)             a configuration value or file is invalid
     ├── DatasetError                              a dataset directory is missing or malformed
     ├── ModelNotFoundError                        no loadable exported version where expected
@@ -70,10 +73,28 @@ class PayloadTooLargeError(ImageClassifierError):
     code = "payload_too_large"
 
 
+class RequestTimeoutError(ImageClassifierError):
+    """A request's body stopped arriving before it was complete."""
+
+    code = "request_timeout"
+
+
+class OverloadedError(ImageClassifierError):
+    """A server is at one of its limits (decoding memory, queue); the request may be retried."""
+
+    code = "overloaded"
+
+
 class ConfigError(ImageClassifierError, ValueError):
     """A configuration value or file is invalid; the message says which and why."""
 
     code = "invalid_config"
+
+
+class UnsupportedImageError(InvalidImageError):
+    """A valid image of a kind the decoder in use cannot take (animated WebP in-graph, say)."""
+
+    code = "unsupported_image"
 
 
 class DatasetError(ImageClassifierError):

@@ -43,6 +43,7 @@ from image_classifier.errors import (
     ImageTooLargeError,
     NotAnImageError,
     TruncatedImageError,
+    UnsupportedImageError,
 )
 
 if TYPE_CHECKING:
@@ -64,29 +65,59 @@ _OPEN_FORMATS: Final = tuple(f for f in SUPPORTED_FORMATS if f != "MPO")
 _DRAFT_SIZE: Final = (IMAGE_SIZE * 2, IMAGE_SIZE * 2)
 
 
-def check_encoded_pixels(data: bytes, *, max_pixels: int = MAX_PIXELS) -> None:
-    """Refuse, from the header alone, bytes that would decode to more than ``max_pixels``.
+def check_encoded_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> int:
+    """The guards of :func:`decode_image`, from the header alone, for decoders without them.
 
-    For decoders without our guard (the in-graph ``serving_bytes`` path): all frames of a GIF
-    count, since TensorFlow's GIF decoder materializes every frame. Bytes Pillow cannot identify
-    pass, leaving the verdict to the decoder that follows.
+    For the in-graph ``serving_bytes`` decoder, which has no size limit and cannot take every
+    image: the same dimension rule (:func:`check_dimensions`), all frames of a GIF counted
+    (TensorFlow's GIF decoder materializes every frame), and animated WebP refused (TensorFlow's
+    WebP decoder corrupts the heap on it and aborts the process). Bytes Pillow cannot identify
+    pass, leaving the verdict to the decoder that follows. Returns the pixels that will be
+    decoded (0 when unknown).
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                frames = getattr(image, "n_frames", 1) if image.format == "GIF" else 1
+                size, image_format = image.size, image.format
+                frames = getattr(image, "n_frames", 1)
     except Image.DecompressionBombError:
         raise ImageTooLargeError(f"the image has too many pixels (limit {max_pixels:,})") from None
     except Exception:
-        return
-    pixels = width * height * frames
-    if pixels > max_pixels:
-        shape = f"{width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
-        raise ImageTooLargeError(
-            f"the image decodes to {pixels:,} pixels ({shape}), over the limit of {max_pixels:,}"
+        return 0
+    if image_format == "WEBP" and frames > 1:
+        raise UnsupportedImageError(
+            f"animated WebP ({frames} frames) is not supported here; send a still image "
+            "(for example its first frame as PNG or JPEG)"
         )
+    check_dimensions(size, max_pixels)
+    width, height = size
+    decoded = width * height * (frames if image_format == "GIF" else 1)
+    if decoded > max_pixels:
+        raise ImageTooLargeError(
+            f"the image decodes to {decoded:,} pixels ({width}x{height} x {frames} frames), "
+            f"over the limit of {max_pixels:,}"
+        )
+    return decoded
+
+
+def decoded_pixels(data: bytes) -> int:
+    """How many pixels :func:`decode_image` will hold for ``data``, from the header alone.
+
+    JPEGs decode at reduced size (draft mode), so they cost a fraction of their pixel count;
+    0 when the bytes cannot be identified (the decoder will refuse them without decoding).
+    Used to budget memory before decoding, not to refuse: :func:`decode_image` does that.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format in ("JPEG", "MPO"):
+                    image.draft("RGB", _DRAFT_SIZE)  # changes .size to the reduced decode size
+                width, height = image.size
+    except Exception:
+        return 0
+    return width * height
 
 
 def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -109,7 +140,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise NotAnImageError(f"the image header cannot be read: {exc}") from None
 
-    _check_dimensions(image.size, max_pixels)
+    check_dimensions(image.size, max_pixels)
     try:
         image.seek(0)  # first frame of animations (GIF, APNG, WebP)
         if image.format in ("JPEG", "MPO"):
@@ -122,7 +153,8 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise TruncatedImageError(f"the image data is truncated or corrupt: {exc}") from None
 
 
-def _check_dimensions(size: tuple[int, int], max_pixels: int) -> None:
+def check_dimensions(size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> None:
+    """The one rule for an image's size, wherever it is decoded: pixels, sides, aspect ratio."""
     width, height = size
     if width < 1 or height < 1:
         raise ImageDimensionsError(f"the image has no pixels ({width}x{height})")

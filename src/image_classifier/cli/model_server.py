@@ -108,6 +108,37 @@ def register(subparsers: SubParsers) -> None:
         help="TF Serving's gRPC port: accepted so TF Serving command lines work, "
         "but gRPC is not served",
     )
+    guards = parser.add_argument_group(
+        "guards (this server's own; TF Serving has no such flags)",
+        "Bounds on what one client can make the server hold.",
+    )
+    guards.add_argument(
+        "--http_header_timeout_seconds",
+        type=float,
+        default=defaults.http_header_timeout_seconds,
+        help="close a connection whose request headers take longer "
+        f"(default {defaults.http_header_timeout_seconds:g})",
+    )
+    guards.add_argument(
+        "--http_body_timeout_seconds",
+        type=float,
+        default=defaults.http_body_timeout_seconds,
+        help="answer 408 when a request body pauses longer "
+        f"(default {defaults.http_body_timeout_seconds:g})",
+    )
+    guards.add_argument(
+        "--max_connections",
+        type=int,
+        default=defaults.max_connections,
+        help=f"connections served at once; beyond, 503 (default {defaults.max_connections})",
+    )
+    guards.add_argument(
+        "--max_decoded_pixels",
+        type=int,
+        default=defaults.max_decoded_pixels,
+        help="pixels of encoded images (serving_bytes) decoded at once and per request "
+        f"(default {defaults.max_decoded_pixels:,})",
+    )
     parser.add_argument(
         "--log_level",
         default="info",
@@ -130,6 +161,10 @@ def settings_from_args(args: argparse.Namespace) -> ModelServerSettings:
         max_num_load_retries=args.max_num_load_retries,
         load_retry_interval_seconds=args.load_retry_interval_micros / 1_000_000,
         log_level=args.log_level,
+        http_header_timeout_seconds=args.http_header_timeout_seconds,
+        http_body_timeout_seconds=args.http_body_timeout_seconds,
+        max_connections=args.max_connections,
+        max_decoded_pixels=args.max_decoded_pixels,
     )
 
 

@@ -12,16 +12,21 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from image_classifier import __version__
-from image_classifier.body_limit import BodySizeLimitMiddleware
-from image_classifier.errors import PayloadTooLargeError
+from image_classifier.errors import ImageClassifierError
 from image_classifier.gateway.backends import Backend, create_backend
 from image_classifier.gateway.context import REQUEST_ID_HEADER
+from image_classifier.gateway.errors import status_for
 from image_classifier.gateway.handlers import error_response, install_error_handlers
 from image_classifier.gateway.metrics import GatewayMetrics
-from image_classifier.gateway.middleware import RequestContextMiddleware
+from image_classifier.gateway.middleware import ApiKeyMiddleware, RequestContextMiddleware
 from image_classifier.gateway.pipeline import Pipeline
 from image_classifier.gateway.routes import classes, health, metrics, model, predict, web
 from image_classifier.gateway.settings import GatewaySettings
+from image_classifier.webserver import (
+    BodyGuardMiddleware,
+    SafeJSONResponse,
+    SecurityHeadersMiddleware,
+)
 
 logger = logging.getLogger("image_classifier.gateway")
 
@@ -69,6 +74,7 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
     )
     app.state.settings = settings
     app.state.backend = model_backend
@@ -80,13 +86,16 @@ def create_app(
         app.include_router(module.router)
 
     # Added innermost first: the request context wraps everything, so even a 413 from the body
-    # limit or a CORS preflight gets a request id, a log line and a metrics sample.
+    # limit, a 401 or a CORS preflight gets a request id, a log line and a metrics sample. The
+    # API key is checked outside the body guard: a request without it is refused unread.
     app.add_middleware(
-        BodySizeLimitMiddleware,
+        BodyGuardMiddleware,
         max_bytes=settings.max_upload_bytes,
         setting="GATEWAY_MAX_UPLOAD_BYTES",
-        respond=_too_large,
+        respond=_refused,
+        body_timeout_s=settings.body_timeout_s,
     )
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key_value, routes=app.router.routes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -97,8 +106,9 @@ def create_app(
             max_age=600,
         )
     app.add_middleware(RequestContextMiddleware, metrics=app_metrics, routes=app.router.routes)
+    app.add_middleware(SecurityHeadersMiddleware)
     return app
 
 
-def _too_large(exc: PayloadTooLargeError) -> JSONResponse:
-    return error_response(413, exc.code, str(exc))
+def _refused(exc: ImageClassifierError) -> JSONResponse:
+    return error_response(status_for(exc), exc.code, str(exc))

@@ -43,20 +43,30 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="
 _bearer = HTTPBearer(auto_error=False, scheme_name="Bearer")
 
 
+def check_api_key(expected: str | None, header_key: str | None, bearer: str | None) -> None:
+    """Raise :class:`UnauthorizedError` unless the key (header or bearer token) is ``expected``.
+
+    The one rule, used by :class:`~.middleware.ApiKeyMiddleware` on the raw headers (before any
+    body is read) and by :func:`require_api_key` (which also documents the schemes in /docs).
+    """
+    if expected is None:
+        return
+    given = header_key or bearer
+    if not given:
+        raise UnauthorizedError("an API key is required: send it in the X-API-Key header")
+    # Constant-time comparison: response timing must not reveal how much of a guess was right.
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise UnauthorizedError("the API key is not valid")
+
+
 def require_api_key(
     settings: SettingsDep,
     header_key: Annotated[str | None, Depends(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    expected = settings.api_key_value
-    if expected is None:
-        return
-    given = header_key or (bearer.credentials if bearer is not None else None)
-    if given is None:
-        raise UnauthorizedError("an API key is required: send it in the X-API-Key header")
-    # Constant-time comparison: response timing must not reveal how much of a guess was right.
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise UnauthorizedError("the API key is not valid")
+    check_api_key(
+        settings.api_key_value, header_key, bearer.credentials if bearer is not None else None
+    )
 
 
 def _media_type(request: Request) -> str:

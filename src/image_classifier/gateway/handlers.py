@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from image_classifier.errors import ImageClassifierError
 from image_classifier.gateway.context import current_request_id
-from image_classifier.gateway.errors import status_for
+from image_classifier.gateway.errors import GatewayError, status_for
 from image_classifier.gateway.schemas import ErrorBody, ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("image_classifier.gateway")
@@ -82,8 +82,15 @@ async def _package_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageClassifierError)
     status = status_for(exc)
     if status >= 500:
-        logger.warning("%s: %s", exc.code, exc)
-    return error_response(status, exc.code, str(exc))
+        logger.warning("%s: %s", exc.code, exc)  # the whole story, for operators
+    return error_response(status, exc.code, public_message(exc))
+
+
+def public_message(exc: ImageClassifierError) -> str:
+    """What a client is told about ``exc`` (see :attr:`GatewayError.public_message`)."""
+    if isinstance(exc, GatewayError) and exc.public_message is not None:
+        return exc.public_message
+    return str(exc)
 
 
 def _loc(loc: tuple[Any, ...] | list[Any]) -> str:

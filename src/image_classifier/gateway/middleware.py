@@ -1,7 +1,8 @@
-"""Pure-ASGI middleware: request ids, access log, metrics and the last-resort 500.
+"""Pure-ASGI middleware: request ids, access log, metrics, the last-resort 500, the API key.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) because the id goes into the response's start message
-whatever produced it, a 413 from the body limit (:mod:`image_classifier.body_limit`) included.
+whatever produced it, a 413 from the body limit (:mod:`image_classifier.webserver`) included,
+and because the API key has to be checked on the headers before the body is read.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from image_classifier.gateway.context import (
     reset_request_id,
     set_request_id,
 )
-from image_classifier.gateway.handlers import internal_error_response
+from image_classifier.gateway.deps import check_api_key, require_api_key
+from image_classifier.gateway.errors import UnauthorizedError
+from image_classifier.gateway.handlers import error_response, internal_error_response
 from image_classifier.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("image_classifier.gateway")
@@ -106,3 +109,49 @@ class RequestContextMiddleware:
                 extra={"request_id": request_id},
             )
             reset_request_id(token)
+
+
+def protected_routes(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """The routes that depend on :func:`~.deps.require_api_key` (their router's or their own)."""
+    return [
+        route
+        for route in routes
+        if any(d.dependency is require_api_key for d in getattr(route, "dependencies", ()))
+    ]
+
+
+class ApiKeyMiddleware:
+    """401 for a protected route without the right key, decided from the headers alone.
+
+    An unauthenticated client must not make the gateway receive, buffer or parse a 16 MiB
+    upload (or wait for one that never comes) just to be told no.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.protected = protected_routes(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.api_key is None or not self._is_protected(scope):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        authorization = headers.get("authorization", "")
+        scheme, _, token = authorization.partition(" ")
+        try:
+            check_api_key(
+                self.api_key,
+                headers.get("x-api-key"),
+                token.strip() if scheme.lower() == "bearer" else None,
+            )
+        except UnauthorizedError as exc:
+            response = error_response(
+                exc.status_code, exc.code, str(exc), headers={"Connection": "close"}
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _is_protected(self, scope: Scope) -> bool:
+        return any(route.matches(scope)[0] is not Match.NONE for route in self.protected)

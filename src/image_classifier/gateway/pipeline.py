@@ -21,13 +21,14 @@ import numpy as np
 
 from image_classifier.errors import ImageClassifierError, InvalidImageError
 from image_classifier.gateway.backends import Backend
-from image_classifier.gateway.errors import UnsupportedMediaTypeError
+from image_classifier.gateway.errors import TooManyPixelsError, UnsupportedMediaTypeError
 from image_classifier.gateway.handlers import error_info
 from image_classifier.gateway.metrics import GatewayMetrics
 from image_classifier.gateway.postprocess import top_k
 from image_classifier.gateway.schemas import ClassPrediction, ImageResult
 from image_classifier.gateway.settings import GatewaySettings
-from image_classifier.preprocess import preprocess_image
+from image_classifier.preprocess import decoded_pixels, preprocess_image
+from image_classifier.webserver import DecodeBudget
 
 # Declared part types that may hold an image. Browsers and curl label files by extension and use
 # application/octet-stream when they do not know, so that is let through to the decoder.
@@ -80,6 +81,13 @@ class Pipeline:
         self.backend = backend
         self.metrics = metrics
         self._limiter: anyio.CapacityLimiter | None = None
+        # Decoded pixels held at once across requests: a burst of large PNGs waits its turn
+        # (then 503) instead of multiplying the gateway's peak memory.
+        self.decode_budget = DecodeBudget(
+            settings.decode_budget_pixels,
+            wait_s=settings.request_timeout_s,
+            setting="GATEWAY_DECODE_BUDGET_PIXELS",
+        )
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -88,18 +96,39 @@ class Pipeline:
             self._limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
         return self._limiter
 
+    def _decode(self, data: bytes) -> np.ndarray:
+        # Runs in a worker thread: waiting for decoding room blocks the thread, not the loop.
+        with self.decode_budget.reserve(decoded_pixels(data)):
+            return preprocess_image(data, max_pixels=self.settings.max_image_pixels)
+
     async def preprocess(self, data: bytes) -> np.ndarray:
         self.metrics.upload_bytes.observe(len(data))
-        return await anyio.to_thread.run_sync(
-            partial(preprocess_image, data, max_pixels=self.settings.max_image_pixels),
-            limiter=self.limiter,
+        return await anyio.to_thread.run_sync(partial(self._decode, data), limiter=self.limiter)
+
+    async def check_request_pixels(self, uploads: Sequence[Upload]) -> None:
+        """413 for a request whose images together decode to more than the per-request cap.
+
+        Read from the headers, before anything is decoded: 16 blank 7000x7000 PNGs are 2.5 MB
+        on the wire and 2.4 GB of pixels.
+        """
+        blobs = [u.data for u in uploads if u.error is None and u.data is not None]
+        total = await anyio.to_thread.run_sync(
+            lambda: sum(decoded_pixels(data) for data in blobs), limiter=self.limiter
         )
+        limit = self.settings.max_request_pixels
+        if total > limit:
+            raise TooManyPixelsError(
+                f"the images in this request decode to {total:,} pixels; the limit is "
+                f"{limit:,} per request (GATEWAY_MAX_REQUEST_PIXELS): send fewer or smaller "
+                "images"
+            )
 
     async def classify(self, uploads: Sequence[Upload], k: int) -> BatchOutcome:
         """Classify every valid upload in one backend call; invalid ones keep their error.
 
         Invalid image content stays per image; backend failures raise (they concern them all).
         """
+        await self.check_request_pixels(uploads)
         items = [Classified(u.filename, error=u.error) for u in uploads]
         arrays: dict[int, np.ndarray] = {}
 

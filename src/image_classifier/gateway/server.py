@@ -13,6 +13,7 @@ import uvicorn
 
 from image_classifier.gateway.app import create_app
 from image_classifier.gateway.settings import GatewaySettings
+from image_classifier.webserver import ConnectionLimits, uvicorn_config
 
 # Log lines inside a request carry its id; PLAIN_LOG_FORMAT is for lines outside any request.
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s"
@@ -66,14 +67,16 @@ def build_server(
     settings: GatewaySettings, on_started: Callable[[], None] | None = None
 ) -> GatewayServer:
     """The gateway's server, not yet running (``serve`` runs it beside the model server)."""
-    config = uvicorn.Config(
+    config = uvicorn_config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        limits=ConnectionLimits(
+            settings.header_timeout_s, settings.body_timeout_s, settings.max_connections
+        ),
         log_config=logging_config(settings.log_level),
         log_level=settings.log_level,
         access_log=False,
-        server_header=False,
         # In-flight predictions get this long to finish on Ctrl-C / SIGTERM.
         timeout_graceful_shutdown=10,
     )

@@ -17,11 +17,16 @@ from pydantic import model_validator as _model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from image_classifier.constants import (
+    DECODE_BUDGET_PIXELS,
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_GATEWAY_PORT,
+    DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_HOST,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MODEL_BASE_PATH,
     DEFAULT_TF_SERVING_URL,
     DEFAULT_TOP_K,
+    MAX_REQUEST_PIXELS,
     MAX_TOP_K,
     MODEL_NAME,
     BackendKind,
@@ -85,6 +90,16 @@ class GatewaySettings(BaseSettings):
     max_image_pixels: int = Field(
         MAX_PIXELS, ge=1024, description="Decompression-bomb guard: most pixels in one image."
     )
+    max_request_pixels: int = Field(
+        MAX_REQUEST_PIXELS,
+        ge=MAX_PIXELS,
+        description="Most decoded pixels all images of one request may have together.",
+    )
+    decode_budget_pixels: int = Field(
+        DECODE_BUDGET_PIXELS,
+        ge=MAX_PIXELS,
+        description="Most decoded pixels held at once across requests (memory bound).",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Origins allowed to call the API from a browser: comma-separated or a JSON "
@@ -100,6 +115,24 @@ class GatewaySettings(BaseSettings):
     backend_max_connections: int = Field(64, ge=1, le=10_000)
     model_status_ttl_s: float = Field(
         5.0, ge=0, le=3600, description="How long a model version read from TF Serving is reused."
+    )
+    header_timeout_s: float = Field(
+        DEFAULT_HEADER_TIMEOUT_S,
+        gt=0,
+        le=600,
+        description="Longest a client may take to send a request's headers.",
+    )
+    body_timeout_s: float = Field(
+        DEFAULT_BODY_TIMEOUT_S,
+        gt=0,
+        le=600,
+        description="Longest pause allowed while a request body arrives (then 408).",
+    )
+    max_connections: int = Field(
+        DEFAULT_MAX_CONNECTIONS,
+        ge=1,
+        le=100_000,
+        description="Connections (and requests in progress) served at once; beyond, 503.",
     )
     host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_GATEWAY_PORT, ge=1, le=65535)

@@ -22,14 +22,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from image_classifier.body_limit import BodySizeLimitMiddleware
-from image_classifier.errors import PayloadTooLargeError
+from image_classifier.errors import PayloadTooLargeError, RequestTimeoutError
 from image_classifier.model_server import _service
 from image_classifier.model_server._manager import ModelManager
 from image_classifier.model_server._settings import ModelServerSettings
-from image_classifier.preprocess import MAX_PIXELS
 from image_classifier.tfserving.errors import ServingError
 from image_classifier.tfserving.rest import parse_path
+from image_classifier.webserver import (
+    BodyGuardMiddleware,
+    DecodeBudget,
+    SafeJSONResponse,
+    SecurityHeadersMiddleware,
+)
 
 logger = logging.getLogger("image_classifier.model_server")
 
@@ -55,6 +59,9 @@ def create_app(
         )
         app.state.manager = model
         app.state.limiter = anyio.CapacityLimiter(settings.rest_api_num_threads)
+        app.state.decode_budget = DecodeBudget(
+            settings.max_decoded_pixels, setting="--max_decoded_pixels"
+        )
         # Like tensorflow_model_server, load before accepting connections, so "port open"
         # usually means "model AVAILABLE"; a missing or broken version still lets the server
         # start (and report it in the status endpoint) rather than exit.
@@ -103,11 +110,13 @@ def create_app(
     app.add_exception_handler(Exception, _internal_error)
     app.add_api_route("/v1/{path:path}", _v1, methods=["GET", "POST"])
     app.add_middleware(
-        BodySizeLimitMiddleware,
+        BodyGuardMiddleware,
         max_bytes=settings.max_request_bytes,
         setting="--max_request_bytes",
-        respond=_too_large,
+        respond=_refused,
+        body_timeout_s=settings.http_body_timeout_seconds,
     )
+    app.add_middleware(SecurityHeadersMiddleware)
     return app
 
 
@@ -116,10 +125,10 @@ async def _v1(request: Request) -> Response:
     manager: ModelManager = request.app.state.manager
     call = parse_path(request.method, request.url.path)
     if call.kind == "status":
-        return JSONResponse(_service.model_status(manager, call))
+        return SafeJSONResponse(_service.model_status(manager, call))
     if call.kind == "metadata":
-        return JSONResponse(_service.model_metadata(manager, call))
-    body = await request.body()  # BodySizeLimitMiddleware cuts it off at the limit
+        return SafeJSONResponse(_service.model_metadata(manager, call))
+    body = await request.body()  # BodyGuardMiddleware cuts it off at the limit
     content = await anyio.to_thread.run_sync(
         functools.partial(
             _service.predict,
@@ -127,7 +136,7 @@ async def _v1(request: Request) -> Response:
             call,
             body,
             max_batch_size=settings.max_batch_size,
-            max_image_pixels=MAX_PIXELS,
+            decode_budget=request.app.state.decode_budget,
         ),
         limiter=request.app.state.limiter,
     )
@@ -135,12 +144,12 @@ async def _v1(request: Request) -> Response:
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return SafeJSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _too_large(exc: PayloadTooLargeError) -> JSONResponse:
-    # TF Serving has no body limit and so no status for it; 413 is the HTTP one.
-    return _error(413, str(exc))
+def _refused(exc: PayloadTooLargeError | RequestTimeoutError) -> JSONResponse:
+    # TF Serving has no body limit or body timeout, so no status for them; these are HTTP's.
+    return _error(413 if isinstance(exc, PayloadTooLargeError) else 408, str(exc))
 
 
 async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
@@ -155,5 +164,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette re-raises after this response is sent, so uvicorn logs the traceback.
-    return _error(500, f"Internal error: {type(exc).__name__}: {exc}")
+    # A bug: its text is for the log (Starlette re-raises after this response, so uvicorn logs
+    # the traceback), never for the client.
+    return _error(500, "Internal error; the model server's log has the details")

@@ -22,16 +22,22 @@ def run_model_server(settings: ModelServerSettings | None = None, **overrides: A
     import uvicorn
 
     from image_classifier.model_server._app import create_app
+    from image_classifier.webserver import ConnectionLimits, uvicorn_config
 
     settings = dataclasses.replace(settings or ModelServerSettings(), **overrides)
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("image_classifier").setLevel(level)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         create_app(settings),
         host=settings.host,
         port=settings.rest_api_port,
+        limits=ConnectionLimits(
+            settings.http_header_timeout_seconds,
+            settings.http_body_timeout_seconds,
+            settings.max_connections,
+        ),
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=10,

@@ -14,11 +14,12 @@ from typing import Any, Final
 import numpy as np
 
 from image_classifier.constants import SERVING_DEFAULT
-from image_classifier.errors import ImageTooLargeError
+from image_classifier.errors import InvalidImageError, OverloadedError
 from image_classifier.model_server._manager import ModelManager
-from image_classifier.preprocess import check_encoded_pixels
+from image_classifier.preprocess import MAX_PIXELS, check_encoded_image
 from image_classifier.tfserving.errors import (
     InvalidArgumentError,
+    ServingError,
     UnimplementedError,
     from_tf_error,
 )
@@ -30,6 +31,7 @@ from image_classifier.tfserving.json_tensor import (
 )
 from image_classifier.tfserving.rest import ApiCall
 from image_classifier.tfserving.status import status_body
+from image_classifier.webserver import DecodeBudget
 
 _METHOD_NAMES: Final = {
     "classify": "tensorflow/serving/classify",
@@ -59,7 +61,7 @@ def predict(
     body: bytes,
     *,
     max_batch_size: int,
-    max_image_pixels: int,
+    decode_budget: DecodeBudget,
 ) -> bytes:
     """A whole ``:predict`` (or ``:classify``/``:regress``) call, body in, JSON bytes out."""
     import tensorflow as tf
@@ -84,9 +86,17 @@ def predict(
         max_batch_size=max_batch_size,
         may_contain_bools=b"true" in body or b"false" in body,
     )
-    check_image_sizes(request.inputs, max_image_pixels)
+    pixels = check_encoded_images(
+        request.inputs,
+        max_image_pixels=MAX_PIXELS,
+        max_request_pixels=decode_budget.capacity,
+    )
     try:
-        outputs = loaded.run(signature.name, request.inputs)
+        # Encoded images wait for decoding room (OverloadedError -> 503 after a bounded wait).
+        with decode_budget.reserve(pixels):
+            outputs = loaded.run(signature.name, request.inputs)
+    except OverloadedError as exc:
+        raise ServingError(str(exc), status="UNAVAILABLE") from None
     except tf.errors.OpError as exc:
         raise from_tf_error(exc) from None
     except (TypeError, ValueError) as exc:
@@ -95,12 +105,16 @@ def predict(
     return encode_predict_response(outputs, row_format=request.row_format)
 
 
-def check_image_sizes(inputs: Mapping[str, np.ndarray], max_pixels: int) -> None:
-    """Refuse encoded images that would decode to more than ``max_pixels``.
+def check_encoded_images(
+    inputs: Mapping[str, np.ndarray], *, max_image_pixels: int, max_request_pixels: int
+) -> int:
+    """Refuse encoded images the in-graph decoder must not see; returns the pixels to decode.
 
-    The bytes signature decodes in-graph with no size limit, so a small PNG of a huge blank
-    canvas would be a memory bomb; :func:`preprocess.check_encoded_pixels` reads headers only.
+    The bytes signature decodes in-graph with no guard of its own, so each image gets the
+    gateway's header rule (:func:`preprocess.check_encoded_image`: pixels, sides, aspect
+    ratio, no animated WebP), and the whole request a pixel cap.
     """
+    total = 0
     for key, array in inputs.items():
         if array.dtype != object:
             continue
@@ -108,6 +122,12 @@ def check_image_sizes(inputs: Mapping[str, np.ndarray], max_pixels: int) -> None
             if not isinstance(data, bytes):
                 continue
             try:
-                check_encoded_pixels(data, max_pixels=max_pixels)
-            except ImageTooLargeError as exc:
+                total += check_encoded_image(data, max_pixels=max_image_pixels)
+            except InvalidImageError as exc:
                 raise InvalidArgumentError(f"input '{key}' value {index}: {exc}") from None
+    if total > max_request_pixels:
+        raise InvalidArgumentError(
+            f"the images in this request decode to {total:,} pixels, over the limit of "
+            f"{max_request_pixels:,} per request (--max_decoded_pixels)"
+        )
+    return total

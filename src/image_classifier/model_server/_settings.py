@@ -12,13 +12,18 @@ from pathlib import Path
 from typing import Final
 
 from image_classifier.constants import (
+    DECODE_BUDGET_PIXELS,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_HOST,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MODEL_BASE_PATH,
     DEFAULT_REST_API_PORT,
     MODEL_NAME,
     LogLevel,
 )
 from image_classifier.errors import ConfigError
+from image_classifier.preprocess import MAX_PIXELS
 
 # TF Serving's default: a new version is noticed within about a second of its rename into place.
 DEFAULT_POLL_WAIT_SECONDS: Final = 1.0
@@ -53,6 +58,12 @@ class ModelServerSettings:
     max_num_load_retries: int = DEFAULT_MAX_NUM_LOAD_RETRIES
     load_retry_interval_seconds: float = DEFAULT_LOAD_RETRY_INTERVAL_SECONDS
     log_level: LogLevel = "info"
+    # Beyond TF Serving: guards against slow clients, connection floods and decode bombs.
+    http_header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_S
+    http_body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # Pixels of encoded images (serving_bytes) decoded at once, and at most in one request.
+    max_decoded_pixels: int = DECODE_BUDGET_PIXELS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_base_path", Path(self.model_base_path))
@@ -63,7 +74,16 @@ class ModelServerSettings:
             problems.append(f"rest_api_port {self.rest_api_port} is not a TCP port")
         if self.file_system_poll_wait_seconds < 0:
             problems.append("file_system_poll_wait_seconds must be >= 0")
-        for name in ("max_request_bytes", "max_batch_size", "rest_api_num_threads"):
+        if self.http_header_timeout_seconds <= 0 or self.http_body_timeout_seconds <= 0:
+            problems.append("http_header_timeout_seconds and http_body_timeout_seconds must be > 0")
+        if self.max_decoded_pixels < MAX_PIXELS:
+            problems.append(f"max_decoded_pixels must be >= {MAX_PIXELS:,} (one largest image)")
+        for name in (
+            "max_request_bytes",
+            "max_batch_size",
+            "rest_api_num_threads",
+            "max_connections",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.max_num_load_retries < 0 or self.load_retry_interval_seconds < 0:

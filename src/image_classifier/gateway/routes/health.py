@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from image_classifier.gateway.deps import BackendDep
-from image_classifier.gateway.errors import ModelUnavailableError
-from image_classifier.gateway.handlers import error_responses
+from image_classifier.gateway.errors import BackendError, ModelUnavailableError
+from image_classifier.gateway.handlers import error_response, error_responses
 from image_classifier.gateway.schemas import HealthResponse, ReadyResponse
 
 router = APIRouter(tags=["health"])
@@ -24,8 +25,13 @@ async def health() -> HealthResponse:
     responses=error_responses(503, 504),
     summary="Readiness: the backend reports the model AVAILABLE",
 )
-async def ready(backend: BackendDep) -> ReadyResponse:
-    status = await backend.status()
+async def ready(backend: BackendDep) -> ReadyResponse | JSONResponse:
+    try:
+        status = await backend.status()
+    except BackendError as exc:
+        # Unlike prediction errors, readiness tells the whole story (backend address, socket
+        # error): it is what an operator or orchestrator looks at to see why.
+        return error_response(exc.status_code, exc.code, str(exc))
     if not status.available:
         detail = f": {status.message}" if status.message else ""
         raise ModelUnavailableError(

@@ -1,0 +1,319 @@
+"""What both HTTP servers (the gateway and the embedded model server) share to stay up.
+
+Each guard exists because a hostile or broken client can otherwise hold a server's resources:
+
+- :class:`BodyGuardMiddleware`: a request body over the limit is refused before it is read (a
+  declared ``Content-Length``) or at the first byte over it (chunked), and a body that stops
+  arriving for ``body_timeout_s`` is cut off with 408. Pure ASGI, because both have to act on
+  body chunks as they arrive, before anything buffers them.
+- :class:`HeaderTimeoutH11Protocol`: uvicorn's HTTP/1.1 protocol plus a deadline for a request's
+  headers, so a client trickling headers byte by byte cannot keep a connection open forever
+  (uvicorn only bounds the idle time between requests).
+- :class:`SecurityHeadersMiddleware`: ``X-Content-Type-Options: nosniff`` on every response.
+- :class:`SafeJSONResponse`: JSON that always encodes, even when a message echoes a lone
+  surrogate a client sent (``"\\ud800"``), so that cannot turn a 400 into a 500.
+- :class:`DecodeBudget`: a cap on the pixels decoded at once across requests, so a burst of
+  large images waits its turn instead of multiplying peak memory; freed memory is handed back
+  to the operating system afterwards (:func:`release_memory`).
+- :func:`uvicorn_config`: the server settings both use (no ``server`` header, a connection cap,
+  the protocol above).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import anyio
+import h11
+import uvicorn
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from image_classifier.constants import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+)
+from image_classifier.errors import OverloadedError, PayloadTooLargeError, RequestTimeoutError
+
+logger = logging.getLogger("image_classifier.webserver")
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a client may take to send a request, and how many connections are served."""
+
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+
+# Releasing a reservation this large hands freed heap memory back to the operating system.
+_RELEASE_AFTER_PIXELS = 4_000_000
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps the pages of freed large buffers mapped in its arenas, so after one big decode
+    a process would otherwise keep its peak RSS for good.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+class DecodeBudget:
+    """At most ``capacity`` decoded pixels at once, across threads; a FIFO-fair-enough wait.
+
+    A reservation larger than the whole budget is clamped to it (one such image decodes alone).
+    Waiting longer than ``wait_s`` raises :class:`~image_classifier.errors.OverloadedError`.
+    """
+
+    def __init__(self, capacity: int, *, wait_s: float = 10.0, setting: str = "") -> None:
+        self.capacity = capacity
+        self.wait_s = wait_s
+        self.setting = setting
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        amount = max(0, min(pixels, self.capacity))
+        with self._changed:
+            if not self._changed.wait_for(
+                lambda: self.in_use + amount <= self.capacity, timeout=self.wait_s
+            ):
+                raise OverloadedError(
+                    f"the server is decoding other large images; retry shortly "
+                    f"({self.setting or 'decode budget'}: {self.capacity:,} pixels)"
+                )
+            self.in_use += amount
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= amount
+                self._changed.notify_all()
+            if amount >= _RELEASE_AFTER_PIXELS:
+                release_memory()
+
+
+class SafeJSONResponse(JSONResponse):
+    """Starlette's JSONResponse, falling back to ASCII escapes for text UTF-8 cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            # A lone surrogate from the client's JSON, echoed in a message: escape it.
+            return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def too_large(size: int | None, max_bytes: int, setting: str) -> PayloadTooLargeError:
+    """``size`` is the declared length, or None for a streamed body cut off at the limit."""
+    body = "the request body" if size is None else f"the request body of {size:,} bytes"
+    return PayloadTooLargeError(
+        f"{body} is larger than the limit of {max_bytes:,} bytes ({setting})"
+    )
+
+
+class BodyGuardMiddleware:
+    """Refuse request bodies over ``max_bytes``, or that stall, without holding more than that.
+
+    A refusal goes through ``respond``, so each server answers in its own error shape; whatever
+    the app made of a cut-off body (an error of its own) is discarded.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        setting: str,
+        respond: Callable[[PayloadTooLargeError | RequestTimeoutError], Response],
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    ) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.setting = setting  # the flag or variable that raises the limit, for the message
+        self.respond = respond
+        self.body_timeout_s = body_timeout_s
+
+    async def _reject(
+        self, exc: PayloadTooLargeError | RequestTimeoutError, scope: Scope, send: Send
+    ) -> None:
+        async def no_body() -> Message:
+            return {"type": "http.disconnect"}
+
+        response = self.respond(exc)
+        # The unread rest of the body is still on the socket: close rather than try to skip it.
+        response.headers["Connection"] = "close"
+        await response(scope, no_body, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(too_large(int(declared), self.max_bytes, self.setting), scope, send)
+            return
+
+        received = 0
+        refused: PayloadTooLargeError | RequestTimeoutError | None = None
+        app_responded = False
+
+        async def guarded_receive() -> Message:
+            nonlocal received, refused
+            if refused is not None:
+                raise refused
+            try:
+                with anyio.fail_after(self.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                refused = RequestTimeoutError(
+                    f"no request body data for {self.body_timeout_s:g}s; the request was cut off"
+                )
+                raise refused from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    refused = too_large(None, self.max_bytes, self.setting)
+                    raise refused
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal app_responded
+            if refused is not None and not app_responded:
+                return  # the app's answer to a cut-off body is dropped; ours follows
+            if message["type"] == "http.response.start":
+                app_responded = True
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except Exception:
+            # Once the body is cut off, whatever the app raised follows from that.
+            if refused is None or app_responded:
+                raise
+        if refused is not None and not app_responded:
+            await self._reject(refused, scope, send)
+
+
+class SecurityHeadersMiddleware:
+    """``X-Content-Type-Options: nosniff`` on every response: JSON must never be sniffed as HTML."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers take too long.
+
+    The deadline starts when the connection opens and again after each response, and ends when a
+    request's headers are complete; uvicorn's own keep-alive timeout still closes idle ones
+    sooner. ``header_timeout_s`` is set per server by :func:`uvicorn_config`.
+    """
+
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timed_out)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            logger.info(
+                "closing a connection from %s: no complete request headers within %gs",
+                f"{self.client[0]}:{self.client[1]}" if self.client else "-",
+                self.header_timeout_s,
+            )
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:
+            self._disarm_header_timer()  # the headers are in; the body has its own timeout
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+
+def uvicorn_config(
+    app: ASGIApp,
+    *,
+    host: str,
+    port: int,
+    limits: ConnectionLimits,
+    **options: Any,
+) -> uvicorn.Config:
+    """uvicorn's Config with the guards above; ``options`` go to uvicorn unchanged."""
+    protocol = type(
+        "BoundedH11Protocol",
+        (HeaderTimeoutH11Protocol,),
+        {"header_timeout_s": limits.header_timeout_s},
+    )
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        # Beyond this many connections (or requests in progress) uvicorn answers 503 at once,
+        # so a flood of idle sockets cannot exhaust file descriptors.
+        limit_concurrency=limits.max_connections,
+        server_header=False,
+        **options,
+    )
