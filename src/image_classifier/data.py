@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from image_classifier.constants import CIFAR10_CLASSES, IMAGE_SIZE
-from image_classifier.errors import DatasetError, InvalidImageError
+from image_classifier.errors import ConfigError, DatasetError, InvalidImageError
 from image_classifier.preprocess import preprocess_image, tf_normalize
 
 if TYPE_CHECKING:
@@ -247,29 +247,96 @@ def augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.image.stateless_random_flip_left_right(cropped, seed=flip_seed)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One worker's part of data-parallel training over ``count`` workers.
+
+    Every worker shuffles the whole training set with the same seed, so all of them see the same
+    order each epoch, and worker ``index`` keeps positions ``index, index + count, ...`` of it.
+    The workers' k-th batches together are then exactly the k-th global batch of the
+    single-machine pipeline (same images, same augmentation seeds): the global batch stays what
+    was configured, only the work is split. ``replicas`` is how many model replicas the worker
+    feeds (its local devices); each gets ``batch_size / (count * replicas)`` images per step.
+    """
+
+    index: int
+    count: int
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.replicas < 1 or not 0 <= self.index < self.count:
+            raise ConfigError(
+                f"invalid shard {self.index} of {self.count} ({self.replicas} replicas each)"
+            )
+
+    @property
+    def total_replicas(self) -> int:
+        return self.count * self.replicas
+
+
+def replica_batch_size(batch_size: int, shard: Shard) -> int:
+    """Images per replica per step; the global batch must split evenly across replicas."""
+    if batch_size % shard.total_replicas:
+        raise ConfigError(
+            f"batch size {batch_size} does not split evenly across {shard.total_replicas} "
+            f"replicas ({shard.count} workers x {shard.replicas}); pick a multiple of "
+            f"{shard.total_replicas}"
+        )
+    return batch_size // shard.total_replicas
+
+
+def sharded_steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Steps per epoch of a sharded training pipeline: whole global batches only."""
+    steps = num_images // batch_size
+    if steps < 1:
+        raise ConfigError(
+            f"{num_images} training images are fewer than one global batch of {batch_size}"
+        )
+    return steps
+
+
 def make_tf_dataset(
     dataset: Dataset,
     *,
     batch_size: int,
     training: bool,
     seed: int = 0,
+    shard: Shard | None = None,
 ) -> tf.data.Dataset:
     """Batched (float32 [0, 1] images, int labels); shuffled and augmented only when training.
 
     Augmentation runs on uint8 (4x less memory traffic than floats) in parallel map calls, and
     the pipeline prefetches so the two CPU cores never wait on input between steps.
+
+    With ``shard`` (data-parallel training, see :class:`Shard`), ``batch_size`` is still the
+    global batch and the pipeline yields this worker's per-replica pieces of it. Training then
+    keeps whole global batches only: each epoch's last partial batch (a different one every
+    epoch, as the order is reshuffled) is dropped, because a replica given an empty share would
+    make BatchNorm's batch statistics NaN and the workers must step in lockstep. Evaluation
+    keeps every image of the worker's share.
     """
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((dataset.images, dataset.labels))
+    per_replica = batch_size if shard is None else replica_batch_size(batch_size, shard)
     if training:
         ds = ds.shuffle(len(dataset), seed=seed, reshuffle_each_iteration=True)
         seeds = tf.data.Dataset.random(seed=seed).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
+        # Seeds are paired with images before sharding, so an image gets the same crop and flip
+        # whichever worker trains on it.
+        ds = tf.data.Dataset.zip((ds, seeds))
+        if shard is not None:
+            whole = sharded_steps_per_epoch(len(dataset), batch_size) * batch_size
+            ds = ds.take(whole).shard(shard.count, shard.index)
+        ds = ds.map(
             lambda pair, s: (augment(pair[0], s), pair[1]),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-    ds = ds.batch(batch_size, drop_remainder=False)
+        ds = ds.batch(per_replica, drop_remainder=shard is not None)
+    else:
+        if shard is not None:
+            ds = ds.shard(shard.count, shard.index)
+        ds = ds.batch(per_replica, drop_remainder=False)
     ds = ds.map(lambda x, y: (tf_normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

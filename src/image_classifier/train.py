@@ -5,19 +5,28 @@ decoupled weight decay, label smoothing) -> fit with best-checkpointing -> resto
 export (atomic, next version) with history, curves and the model card.
 
 Ctrl-C during ``fit`` stops training cleanly: the best checkpoint so far is restored and exported.
+
+The same story runs on several devices or machines (``distribute``): ``"mirrored"`` is Keras'
+``fit`` under ``tf.distribute.MirroredStrategy`` (the local GPUs); ``"multi-worker"`` is
+``tf.distribute.MultiWorkerMirroredStrategy`` over the cluster in ``TF_CONFIG``. Keras 3's ``fit``
+fails under that strategy (keras-team/keras#20585: it cannot convert the per-replica batches it is
+given), so there :func:`_fit_multi_worker` steps through ``strategy.run`` itself, with the same
+model, optimizer and schedule, the same input pipeline (sharded per worker) and the same Keras
+callbacks; only the chief exports.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from image_classifier.constants import (
     CURVES_FILE,
@@ -29,9 +38,12 @@ from image_classifier.constants import (
 from image_classifier.data import (
     DEFAULT_VALIDATION_SIZE,
     DataSplits,
+    Shard,
     channel_stats,
     load_splits,
     make_tf_dataset,
+    replica_batch_size,
+    sharded_steps_per_epoch,
 )
 from image_classifier.errors import ConfigError
 from image_classifier.model import (
@@ -44,6 +56,15 @@ from image_classifier.model import (
 
 if TYPE_CHECKING:
     import keras
+    import tensorflow as tf
+
+# How training is spread: one process on its default device, Keras' fit over the local devices
+# (MirroredStrategy), or several processes over TF_CONFIG's cluster (MultiWorkerMirroredStrategy).
+Distribute = Literal["none", "mirrored", "multi-worker"]
+DISTRIBUTE_MODES: Final[tuple[Distribute, ...]] = get_args(Distribute)
+TF_CONFIG_ENV: Final = "TF_CONFIG"
+# The task types MultiWorkerMirroredStrategy runs; "ps" and "evaluator" belong to other strategies.
+_MWMS_TASK_TYPES: Final = ("chief", "worker")
 
 
 @dataclass(frozen=True)
@@ -116,13 +137,132 @@ def load_configs(
 
 @dataclass
 class TrainResult:
-    export_dir: Path
+    export_dir: Path | None  # None on a multi-worker run's non-chief workers, which do not export
     history: dict[str, list[float]]
     best_val_accuracy: float
     epochs_run: int
     training_seconds: float
     interrupted: bool
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process's place in a multi-worker cluster, as ``TF_CONFIG`` describes it."""
+
+    task_type: str  # "chief" or "worker"
+    task_index: int
+    num_workers: int  # every task that trains, the chief included
+    worker_id: int  # 0 .. num_workers - 1, chief first: TensorFlow's own numbering
+    is_chief: bool  # the one task that writes the export
+
+
+def parse_tf_config(text: str | None) -> WorkerRole:
+    """Read ``TF_CONFIG`` (``{"cluster": {...}, "task": {"type": ..., "index": ...}}``).
+
+    Checked here, before TensorFlow sees it, so a mistake is one line naming what is wrong
+    rather than a stack trace from the strategy, or a worker waiting forever for a peer that
+    was never described. Without a ``chief`` task, worker 0 is the chief (TensorFlow's rule).
+    """
+    example = (
+        '{"cluster": {"worker": ["host0:2222", "host1:2222"]}, "task": {"type": "worker", '
+        '"index": 0}}'
+    )
+    if not text or not text.strip():
+        raise ConfigError(
+            f"--distribute multi-worker needs {TF_CONFIG_ENV} in the environment, e.g. {example}"
+        )
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{TF_CONFIG_ENV} is not valid JSON: {exc}") from None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not cluster or not isinstance(task, dict):
+        raise ConfigError(f"{TF_CONFIG_ENV} must look like {example}")
+    unsupported = sorted(set(cluster) - set(_MWMS_TASK_TYPES))
+    if unsupported:
+        raise ConfigError(
+            f"{TF_CONFIG_ENV} cluster has {unsupported}: multi-worker training runs only "
+            f"{' and '.join(_MWMS_TASK_TYPES)} tasks"
+        )
+    for job, addresses in cluster.items():
+        if (
+            not isinstance(addresses, list)
+            or not addresses
+            or not all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses)
+        ):
+            raise ConfigError(
+                f'{TF_CONFIG_ENV} cluster "{job}" must be a non-empty list of "host:port" strings'
+            )
+    if len(cluster.get("chief", [])) > 1:
+        raise ConfigError(f"{TF_CONFIG_ENV} cluster may have one chief, not several")
+    task_type, task_index = task.get("type"), task.get("index")
+    if not isinstance(task_type, str) or task_type not in cluster:
+        raise ConfigError(
+            f"{TF_CONFIG_ENV} task type {task_type!r} is not in the cluster ({sorted(cluster)})"
+        )
+    if (
+        not isinstance(task_index, int)
+        or isinstance(task_index, bool)
+        or not 0 <= task_index < len(cluster[task_type])
+    ):
+        raise ConfigError(
+            f"{TF_CONFIG_ENV} task index {task_index!r} is not one of the "
+            f"{len(cluster[task_type])} {task_type} tasks"
+        )
+    has_chief = "chief" in cluster
+    worker_id = 0 if task_type == "chief" else task_index + int(has_chief)
+    return WorkerRole(
+        task_type=str(task_type),
+        task_index=task_index,
+        num_workers=len(cluster.get("chief", [])) + len(cluster.get("worker", [])),
+        worker_id=worker_id,
+        is_chief=worker_id == 0,
+    )
+
+
+def check_distribute(mode: str) -> WorkerRole | None:
+    """Validate ``--distribute`` (and ``TF_CONFIG`` for multi-worker) without starting TensorFlow.
+
+    Callers run this before loading data, so a misconfigured worker fails in a second.
+    """
+    if mode not in DISTRIBUTE_MODES:
+        raise ConfigError(f"distribute must be one of {', '.join(DISTRIBUTE_MODES)}, got {mode!r}")
+    if mode == "multi-worker":
+        return parse_tf_config(os.environ.get(TF_CONFIG_ENV))
+    return None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How this process trains: the strategy, and for multi-worker runs its role."""
+
+    mode: Distribute
+    strategy: tf.distribute.Strategy
+    role: WorkerRole | None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.role is None or self.role.is_chief
+
+
+def _make_plan(mode: Distribute) -> _Plan:
+    """Create the strategy. Call before any other TensorFlow op: MultiWorkerMirroredStrategy
+    configures collective ops when TensorFlow's runtime starts, and refuses afterwards."""
+    import tensorflow as tf
+
+    role = check_distribute(mode)
+    if mode == "none":
+        return _Plan(mode, tf.distribute.get_strategy(), None)
+    if mode == "mirrored":
+        return _Plan(mode, tf.distribute.MirroredStrategy(), None)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    except (RuntimeError, ValueError) as exc:
+        # E.g. TensorFlow was already initialised in this process (collectives come too late).
+        raise ConfigError(f"cannot start multi-worker training: {exc}") from None
+    return _Plan(mode, strategy, role)
 
 
 def configure_threads() -> int:
@@ -160,6 +300,15 @@ def one_cycle_schedule(peak: float, total_steps: int, warmup_fraction: float) ->
     return OneCycle()
 
 
+def training_loss(config: TrainConfig, *, reduction: str = "sum_over_batch_size") -> Any:
+    """The loss both training engines minimise: cross-entropy on logits, label smoothing."""
+    import keras
+
+    return keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=config.label_smoothing, reduction=reduction
+    )
+
+
 def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int) -> None:
     import keras
 
@@ -176,9 +325,7 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
     optimizer.exclude_from_weight_decay(var_names=["standardize"])
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=config.label_smoothing
-        ),
+        loss=training_loss(config),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
 
@@ -215,13 +362,17 @@ def train(
     version: int | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    distribute: Distribute = "none",
 ) -> TrainResult:
     """Fit a model on ``data.train``, select on ``data.validation``, export the best epoch.
 
     ``callbacks`` are extra Keras callbacks (progress reporting, tests interrupting a run).
+    ``distribute`` spreads the training (module docstring); the global batch size and the
+    learning-rate schedule stay as configured whatever the number of replicas. In a
+    multi-worker run every worker trains and checkpoints (non-chief workers under
+    ``<run_dir>/worker-<id>/``), and only the chief exports.
     """
     import keras
-    import numpy as np
 
     from image_classifier.export import export_model
     from image_classifier.plots import plot_training_curves
@@ -238,24 +389,33 @@ def train(
     )
 
     cores = configure_threads()
-    keras.utils.set_random_seed(train_config.seed)
-    keras.mixed_precision.set_global_policy(train_config.precision)
-    try:
-        model = build_model(model_config)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    plan = _make_plan(distribute)  # first: nothing may start TensorFlow's runtime before it
+    multi_worker = plan.role is not None
+    if plan.role is not None:
+        # Checked before any work: the global batch must split evenly over every replica.
+        replica_batch_size(
+            train_config.batch_size,
+            Shard(0, plan.role.num_workers, _replicas_per_worker(plan)),
+        )
+        steps_per_epoch = sharded_steps_per_epoch(len(data.train), train_config.batch_size)
+    else:
+        steps_per_epoch = math.ceil(len(data.train) / train_config.batch_size)
 
-    num_classes = len(class_names)
-    train_ds = make_tf_dataset(
-        data.train, batch_size=train_config.batch_size, training=True, seed=train_config.seed
-    ).map(lambda x, y: (x, _one_hot(y, num_classes)))
-    val_ds = make_tf_dataset(
-        data.validation, batch_size=train_config.batch_size, training=False
-    ).map(lambda x, y: (x, _one_hot(y, num_classes)))
-    steps_per_epoch = int(np.ceil(len(data.train) / train_config.batch_size))
-    compile_model(model, train_config, steps_per_epoch)
+    keras.utils.set_random_seed(train_config.seed)
+    with plan.strategy.scope():
+        # Variables (model and optimizer) belong to the strategy: mirrored on every replica.
+        keras.mixed_precision.set_global_policy(train_config.precision)
+        try:
+            model = build_model(model_config)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        compile_model(model, train_config, steps_per_epoch)
 
     run_path = Path(run_dir) if run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if plan.role is not None and not plan.role.is_chief:
+        # Workers checkpoint too (they pick the same epochs), each in its own directory, so
+        # workers sharing a volume never write the same file.
+        run_path = run_path / f"worker-{plan.role.worker_id}"
     run_path.mkdir(parents=True, exist_ok=True)
     best_weights = run_path / "best.weights.h5"
     all_callbacks: list[keras.callbacks.Callback] = [
@@ -274,7 +434,14 @@ def train(
             )
         )
     (run_path / "config.json").write_text(
-        json.dumps({"model": model_config.to_dict(), "train": train_config.to_dict()}, indent=2),
+        json.dumps(
+            {
+                "model": model_config.to_dict(),
+                "train": train_config.to_dict(),
+                "distribute": _distribution_card(plan),
+            },
+            indent=2,
+        ),
         encoding="utf-8",
     )
 
@@ -284,14 +451,27 @@ def train(
     interrupted = False
     started = time.perf_counter()
     try:
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=train_config.epochs,
-            callbacks=all_callbacks,
-            verbose=train_config.verbose,
-            shuffle=False,  # the tf.data pipeline shuffles
-        )
+        if multi_worker:
+            _fit_multi_worker(model, plan, data, train_config, steps_per_epoch, all_callbacks)
+        else:
+            num_classes = len(class_names)
+            train_ds = make_tf_dataset(
+                data.train,
+                batch_size=train_config.batch_size,
+                training=True,
+                seed=train_config.seed,
+            ).map(lambda x, y: (x, _one_hot(y, num_classes)))
+            val_ds = make_tf_dataset(
+                data.validation, batch_size=train_config.batch_size, training=False
+            ).map(lambda x, y: (x, _one_hot(y, num_classes)))
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=train_config.epochs,
+                callbacks=all_callbacks,
+                verbose=train_config.verbose,
+                shuffle=False,  # the tf.data pipeline shuffles
+            )
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: exporting the best checkpoint so far", flush=True)
@@ -299,8 +479,21 @@ def train(
 
     if not best_weights.exists():
         raise KeyboardInterrupt("interrupted before the first epoch finished; nothing to export")
-    model.load_weights(str(best_weights))
     best_val = max(history.get("val_accuracy", [float("nan")]))
+    if not plan.is_chief:
+        return TrainResult(
+            export_dir=None,
+            history=history,
+            best_val_accuracy=float(best_val),
+            epochs_run=len(history.get("loss", [])),
+            training_seconds=training_seconds,
+            interrupted=interrupted,
+        )
+    if plan.mode != "none":
+        # The export is built from a plain copy outside the strategy: saving or evaluating
+        # distributed variables could start collectives the finished workers never join.
+        model = build_model(model_config)
+    model.load_weights(str(best_weights))
     served_val = served_accuracy(model, model_config, data, flip_tta=train_config.flip_tta)
 
     history_file = run_path / HISTORY_FILE
@@ -331,6 +524,7 @@ def train(
             "epochs_run": len(history.get("loss", [])),
             "interrupted": interrupted,
             "training_seconds": round(training_seconds, 1),
+            "distribute": _distribution_card(plan),
             "hardware": {**hardware_description(), "cores_used": cores},
         },
         "data": {
@@ -402,6 +596,186 @@ def _history_recorder(target: dict[str, list[float]]) -> keras.callbacks.Callbac
     return Recorder()
 
 
+def _replicas_per_worker(plan: _Plan) -> int:
+    workers = plan.role.num_workers if plan.role is not None else 1
+    return max(1, int(plan.strategy.num_replicas_in_sync) // workers)
+
+
+def _distribution_card(plan: _Plan) -> dict[str, Any]:
+    """How the run was spread, for the run's config.json and the model card."""
+    card: dict[str, Any] = {
+        "mode": plan.mode,
+        "strategy": type(plan.strategy).__name__,
+        "replicas": int(plan.strategy.num_replicas_in_sync),
+    }
+    if plan.role is not None:
+        card.update(workers=plan.role.num_workers, engine="strategy.run loop (Keras fit fails)")
+    return card
+
+
+def _step_totals(labels: Any, logits: Any, per_example_loss: Any) -> Any:
+    """[summed loss, correct predictions, images] of one batch: sums add up across replicas."""
+    import tensorflow as tf
+
+    correct = tf.equal(tf.argmax(labels, axis=-1), tf.argmax(logits, axis=-1))
+    return tf.stack(
+        [
+            tf.reduce_sum(per_example_loss),
+            tf.reduce_sum(tf.cast(correct, tf.float32)),
+            tf.cast(tf.shape(labels)[0], tf.float32),
+        ]
+    )
+
+
+def _logs(totals: Any, prefix: str = "") -> dict[str, float]:
+    """Keras' epoch logs (``loss``, ``accuracy``) from summed totals: per-image means."""
+    images = max(float(totals[2]), 1.0)
+    return {
+        f"{prefix}loss": float(totals[0]) / images,
+        f"{prefix}accuracy": float(totals[1]) / images,
+    }
+
+
+def _fit_multi_worker(
+    model: keras.Model,
+    plan: _Plan,
+    data: DataSplits,
+    config: TrainConfig,
+    steps_per_epoch: int,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> None:
+    """What ``model.fit`` does, for MultiWorkerMirroredStrategy, where Keras 3's fit fails.
+
+    Each step runs on every replica through ``strategy.run``: the replica's share of the global
+    batch, the compiled optimizer (which sums the replicas' gradients and applies the update on
+    every replica, weight decay and learning-rate schedule included) and the training loss
+    divided by the *global* batch, so the update equals the single-machine one on the same
+    images. The Keras callbacks are the ones ``fit`` gets (best-checkpointing, early stopping,
+    history, progress), called at the same points with the same logs.
+
+    Every number that decides something is the same on every worker: the training totals are
+    summed across replicas, BatchNorm's moving statistics (updated per replica from its own
+    share) are averaged across replicas after each epoch, and validation runs on each worker's
+    shard of the validation set with the totals summed across workers. So all workers checkpoint
+    the same epochs and stop together, and their weights stay equal.
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    assert plan.role is not None
+    strategy = plan.strategy
+    role = plan.role
+    replicas_per_worker = _replicas_per_worker(plan)
+    num_classes = len(data.train.class_names)
+    loss_fn = training_loss(config, reduction="none")
+    optimizer = model.optimizer
+    global_batch = float(config.batch_size)
+    sum_op = tf.distribute.ReduceOp.SUM
+
+    def one_hot(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return images, _one_hot(labels, num_classes)
+
+    def train_input(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        shard = Shard(
+            context.input_pipeline_id,
+            context.num_input_pipelines,
+            context.num_replicas_in_sync // context.num_input_pipelines,
+        )
+        return make_tf_dataset(
+            data.train, batch_size=config.batch_size, training=True, seed=config.seed, shard=shard
+        ).map(one_hot)
+
+    train_batches = strategy.distribute_datasets_from_function(train_input)
+    val_batches = make_tf_dataset(
+        data.validation,
+        batch_size=config.batch_size,
+        training=False,
+        shard=Shard(role.worker_id, role.num_workers),
+    ).map(one_hot)
+
+    @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
+    def train_step(iterator: Any) -> tf.Tensor:
+        def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                logits = tf.cast(model(images, training=True), tf.float32)
+                per_example = loss_fn(labels, logits)
+                loss = tf.reduce_sum(per_example) / global_batch
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply(gradients, model.trainable_variables)
+            return _step_totals(labels, logits, per_example)
+
+        totals = strategy.run(replica_step, args=next(iterator))
+        return strategy.reduce(sum_op, totals, axis=None)
+
+    @tf.function  # type: ignore[untyped-decorator]
+    def eval_batch(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        # Called outside strategy.run: this worker's replica-0 copy of the (equal) weights.
+        logits = tf.cast(model(images, training=False), tf.float32)
+        return _step_totals(labels, logits, loss_fn(labels, logits))
+
+    @tf.function  # type: ignore[untyped-decorator]
+    def sum_over_workers(values: tf.Tensor) -> tf.Tensor:
+        def replica_sum(local: tf.Tensor) -> tf.Tensor:
+            context = tf.distribute.get_replica_context()
+            # Each worker's value enters once, through its first local replica.
+            first = tf.equal(context.replica_id_in_sync_group % replicas_per_worker, 0)
+            return context.all_reduce(sum_op, tf.where(first, local, tf.zeros_like(local)))
+
+        return strategy.experimental_local_results(strategy.run(replica_sum, args=(values,)))[0]
+
+    statistics = [
+        v for v in model.non_trainable_variables if np.issubdtype(np.dtype(v.dtype), np.floating)
+    ]
+
+    @tf.function  # type: ignore[untyped-decorator]
+    def average_statistics() -> None:
+        def replica_average() -> None:
+            context = tf.distribute.get_replica_context()
+            current = [tf.identity(v.value) for v in statistics]  # tensors, not variables
+            means = context.all_reduce(tf.distribute.ReduceOp.MEAN, current)
+            for variable, value in zip(statistics, means, strict=True):
+                variable.assign(value)
+
+        strategy.run(replica_average)
+
+    callback_list = keras.callbacks.CallbackList(
+        list(callbacks),
+        add_progbar=bool(config.verbose) and role.is_chief,
+        model=model,
+        verbose=config.verbose,
+        epochs=config.epochs,
+        steps=steps_per_epoch,
+    )
+    model.stop_training = False
+    logs: dict[str, float] = {}
+    callback_list.on_train_begin()
+    for epoch in range(config.epochs):
+        callback_list.on_epoch_begin(epoch)
+        if epoch:
+            # Keras' fit creates one spare iterator at each epoch's end (its EpochIterator), and
+            # every iterator draws the next shuffle order; drawing one too keeps this loop on
+            # the same per-epoch orders as fit, so one worker reproduces the fit path's run.
+            iter(train_batches)
+        iterator = iter(train_batches)
+        totals = np.zeros(3)
+        for step in range(steps_per_epoch):
+            callback_list.on_train_batch_begin(step)
+            totals += train_step(iterator).numpy()
+            callback_list.on_train_batch_end(step, _logs(totals))
+        if statistics:
+            average_statistics()
+        local = np.zeros(3, np.float32)
+        for images, labels in val_batches:
+            local += eval_batch(images, labels).numpy()
+        validation = sum_over_workers(tf.constant(local)).numpy()
+        logs = {**_logs(totals), **_logs(validation, prefix="val_")}
+        callback_list.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    callback_list.on_train_end(logs)
+
+
 def train_from_dir(
     data_dir: str | os.PathLike[str] | None,
     *,
@@ -411,6 +785,7 @@ def train_from_dir(
 ) -> TrainResult:
     """Load ``data_dir`` (CIFAR batches, image folder, or None to download) and train."""
     train_config = train_config or TrainConfig()
+    check_distribute(kwargs.get("distribute", "none"))  # before the data: fail in a second
     data = load_splits(
         data_dir, validation_size=train_config.validation_size, seed=train_config.seed
     )

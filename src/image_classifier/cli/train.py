@@ -13,7 +13,7 @@ from image_classifier.constants import DEFAULT_MODEL_BASE_PATH
 
 def register(subparsers: SubParsers) -> None:
     from image_classifier.model import ModelConfig
-    from image_classifier.train import TrainConfig
+    from image_classifier.train import DISTRIBUTE_MODES, TrainConfig
 
     m, t = ModelConfig(), TrainConfig()
     p = subparsers.add_parser(
@@ -36,6 +36,17 @@ def register(subparsers: SubParsers) -> None:
     p.add_argument("--model-base-path", default=DEFAULT_MODEL_BASE_PATH)
     p.add_argument("--version", type=int, help="version number to write (default: next free)")
     p.add_argument("--run-dir", help="where checkpoints and logs go (default runs/<timestamp>)")
+    p.add_argument(
+        "--distribute",
+        choices=DISTRIBUTE_MODES,
+        default="none",
+        help="none (default): this process's default device; mirrored: every local GPU "
+        "(tf.distribute.MirroredStrategy); multi-worker: one process per machine, the cluster "
+        "and this task read from the TF_CONFIG environment variable "
+        "(MultiWorkerMirroredStrategy; only the chief exports). The global --batch-size and "
+        "the learning-rate schedule stay as configured; --batch-size must divide evenly "
+        "across the replicas",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"default {t.epochs}")
     g.add_argument("--batch-size", type=int, help=f"default {t.batch_size}")
@@ -114,11 +125,13 @@ def run(args: argparse.Namespace) -> int:
         model_base_path=args.model_base_path,
         version=args.version,
         run_dir=args.run_dir,
+        distribute=args.distribute,
     )
     print(
         json.dumps(
             {
-                "export_dir": str(result.export_dir),
+                # null on a multi-worker run's non-chief workers: only the chief exports.
+                "export_dir": None if result.export_dir is None else str(result.export_dir),
                 "best_val_accuracy": round(result.best_val_accuracy, 4),
                 "epochs_run": result.epochs_run,
                 "training_seconds": round(result.training_seconds, 1),

@@ -82,8 +82,12 @@ def create_app(
     app.state.pipeline = Pipeline(settings, model_backend, app_metrics)
 
     install_error_handlers(app)
-    for module in (predict, classes, model, health, metrics, web):
-        app.include_router(module.router)
+    routers = [module.router for module in (predict, classes, model, health, metrics, web)]
+    for router in routers:
+        app.include_router(router)
+    # The routes themselves, for middleware that must know a request's route before routing
+    # (metrics labels and the API key for requests refused unread).
+    routes = [route for router in routers for route in router.routes]
 
     # Added innermost first: the request context wraps everything, so even a 413 from the body
     # limit, a 401 or a CORS preflight gets a request id, a log line and a metrics sample. The
@@ -95,7 +99,7 @@ def create_app(
         respond=_refused,
         body_timeout_s=settings.body_timeout_s,
     )
-    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key_value, routes=app.router.routes)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key_value, routers=routers)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -105,7 +109,7 @@ def create_app(
             expose_headers=[REQUEST_ID_HEADER],
             max_age=600,
         )
-    app.add_middleware(RequestContextMiddleware, metrics=app_metrics, routes=app.router.routes)
+    app.add_middleware(RequestContextMiddleware, metrics=app_metrics, routes=routes)
     app.add_middleware(SecurityHeadersMiddleware)
     return app
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
+from fastapi import APIRouter
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -111,12 +113,17 @@ class RequestContextMiddleware:
             reset_request_id(token)
 
 
-def protected_routes(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+def protected_routes(routers: Sequence[APIRouter]) -> list[BaseRoute]:
     """The routes that depend on :func:`~.deps.require_api_key` (their router's or their own)."""
+
+    def needs_key(dependencies: Sequence[Any]) -> bool:
+        return any(d.dependency is require_api_key for d in dependencies)
+
     return [
         route
-        for route in routes
-        if any(d.dependency is require_api_key for d in getattr(route, "dependencies", ()))
+        for router in routers
+        for route in router.routes
+        if needs_key(router.dependencies) or needs_key(getattr(route, "dependencies", ()))
     ]
 
 
@@ -127,10 +134,10 @@ class ApiKeyMiddleware:
     upload (or wait for one that never comes) just to be told no.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None, routes: Sequence[BaseRoute]) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, routers: Sequence[APIRouter]) -> None:
         self.app = app
         self.api_key = api_key
-        self.protected = protected_routes(routes)
+        self.protected = protected_routes(routers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.api_key is None or not self._is_protected(scope):
@@ -149,9 +156,15 @@ class ApiKeyMiddleware:
             response = error_response(
                 exc.status_code, exc.code, str(exc), headers={"Connection": "close"}
             )
-            await response(scope, receive, send)
+            await response(scope, _no_body, send)  # the body stays unread on the socket
             return
         await self.app(scope, receive, send)
 
     def _is_protected(self, scope: Scope) -> bool:
         return any(route.matches(scope)[0] is not Match.NONE for route in self.protected)
+
+
+async def _no_body() -> Message:
+    # Given to a response sent without reading the request: Starlette's responses may listen on
+    # `receive` for a disconnect, which would otherwise drain the unread body.
+    return {"type": "http.disconnect"}
