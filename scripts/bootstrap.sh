@@ -16,7 +16,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet -e ".[${extras}]"
 case ",${extras}," in
-  *,dev,* | *,serve,*)
+  *,dev,* | *,serve,* | *,train,*)
     .venv/bin/python -m pip install --quiet --no-deps "${tf_serving_api}"
     ;;
 esac

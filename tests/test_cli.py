@@ -19,6 +19,7 @@ SUBCOMMANDS = (
     "make-request",
     "gateway",
     "serve",
+    "export",
     "predict",
 )
 

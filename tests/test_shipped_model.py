@@ -14,10 +14,17 @@ from image_classifier.constants import (
     CURVES_FILE,
     HISTORY_FILE,
     METADATA_FILE,
+    PIXELS_INPUT_KEY,
+    SERVING_BYTES,
+    SERVING_DEFAULT,
+    SERVING_PIXELS,
+    WARMUP_FILE,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "saved_models" / "image_classifier" / "1"
+BASE = ROOT / "saved_models" / "image_classifier"
+# The version servers pick: the highest.
+SHIPPED = BASE / str(max(int(p.name) for p in BASE.iterdir() if p.name.isdigit()))
 CIFAR_DIR = ROOT.parent / "shared" / "datasets" / "cifar-10-batches-py"
 
 
@@ -58,3 +65,30 @@ def test_validation_accuracy_through_the_serving_signature() -> None:
     recorded = json.loads((SHIPPED / "evaluation_validation.json").read_text())
     assert report.accuracy == pytest.approx(recorded["accuracy"], abs=1e-3)
     assert report.accuracy >= 0.85
+
+
+def test_the_shipped_version_speaks_the_compact_wire_and_has_warmup_data() -> None:
+    from image_classifier.tfserving.signatures import read_signature_table
+    from image_classifier.tfserving.warmup import read_warmup_requests
+
+    table = read_signature_table(SHIPPED)
+    assert set(table.signatures) >= {SERVING_DEFAULT, SERVING_BYTES, SERVING_PIXELS}
+    pixels = table.signatures[SERVING_PIXELS].inputs[PIXELS_INPUT_KEY]
+    assert (pixels.dtype, pixels.shape) == ("DT_STRING", (None,))
+    assert (SHIPPED / WARMUP_FILE).is_file()
+    replayed = {request.signature_name for request in read_warmup_requests(SHIPPED)}
+    assert replayed == {SERVING_DEFAULT, SERVING_BYTES, SERVING_PIXELS}
+
+
+@pytest.mark.slow
+def test_every_shipped_version_answers_as_the_first() -> None:
+    # Later versions are re-exports (new signatures, the same weights): identical answers.
+    from image_classifier.servable import list_versions, load_servable
+
+    images = np.random.default_rng(3).random((16, 32, 32, 3), dtype=np.float32)
+    versions = list_versions(BASE)
+    first = load_servable(BASE, versions[0]).predict(images)
+    for version in versions[1:]:
+        np.testing.assert_allclose(
+            load_servable(BASE, version).predict(images), first, rtol=0, atol=1e-6
+        )

@@ -219,14 +219,19 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def resize_to_input(image: Image.Image) -> np.ndarray:
-    """Center-crop an RGB image, resize it to 32x32 with antialiasing, and normalize to [0, 1]."""
+def resize_to_pixels(image: Image.Image) -> np.ndarray:
+    """Center-crop an RGB image and resize it to 32x32 with antialiasing: uint8 (32, 32, 3)."""
     box = center_crop_box(*image.size)
     # Crop first: ``resize(box=...)`` lets the filter reach pixels outside the box, so the edges
     # of the crop would be blended with the trimmed margins (and differ from the in-graph mirror).
     square = image.crop(box) if box != (0, 0, *image.size) else image
     small = square.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    return normalize(np.asarray(small, dtype=np.uint8))
+    return np.asarray(small, dtype=np.uint8)
+
+
+def resize_to_input(image: Image.Image) -> np.ndarray:
+    """Center-crop an RGB image, resize it to 32x32 with antialiasing, and normalize to [0, 1]."""
+    return normalize(resize_to_pixels(image))
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:
@@ -234,9 +239,18 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) * np.float32(PIXEL_SCALE)
 
 
+def preprocess_pixels(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> the model input before normalization: uint8 (32, 32, 3).
+
+    ``normalize(preprocess_pixels(b)) == preprocess_image(b)`` exactly; the uint8 form is what
+    travels on the compact wire (``serving_pixels``), 4x smaller than float32.
+    """
+    return resize_to_pixels(decode_image(data, max_pixels=max_pixels))
+
+
 def preprocess_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes -> float32 array (32, 32, 3) in [0, 1], ready for the model."""
-    return resize_to_input(decode_image(data, max_pixels=max_pixels))
+    return normalize(preprocess_pixels(data, max_pixels=max_pixels))
 
 
 # --- The same steps inside a TensorFlow graph (training pipeline and the bytes signature) ----

@@ -481,6 +481,7 @@ def train(
         raise KeyboardInterrupt("interrupted before the first epoch finished; nothing to export")
     best_val = max(history.get("val_accuracy", [float("nan")]))
     if not plan.is_chief:
+        _wait_for_every_worker(plan)
         return TrainResult(
             export_dir=None,
             history=history,
@@ -550,6 +551,8 @@ def train(
         flip_tta=train_config.flip_tta,
         extra_files={HISTORY_FILE: history_file, CURVES_FILE: curves_file},
     )
+    if multi_worker:
+        _wait_for_every_worker(plan)
     return TrainResult(
         export_dir=export_dir,
         history=history,
@@ -599,6 +602,29 @@ def _history_recorder(target: dict[str, list[float]]) -> keras.callbacks.Callbac
 def _replicas_per_worker(plan: _Plan) -> int:
     workers = plan.role.num_workers if plan.role is not None else 1
     return max(1, int(plan.strategy.num_replicas_in_sync) // workers)
+
+
+def _wait_for_every_worker(plan: _Plan) -> None:
+    """A barrier: returns once every replica of every worker has called it.
+
+    Workers wait here for the chief's export before they exit: TensorFlow's coordination
+    service reports a task that has gone as unhealthy and aborts the others, the chief
+    included, possibly in the middle of writing the export. (If the chief fails instead, its
+    exit ends the barrier with an error on every worker, so nothing waits forever.)
+    """
+    import tensorflow as tf
+
+    strategy = plan.strategy
+
+    @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
+    def barrier() -> Any:
+        def replica_fn() -> tf.Tensor:
+            context = tf.distribute.get_replica_context()
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.constant(1.0))
+
+        return strategy.run(replica_fn)
+
+    barrier()
 
 
 def _distribution_card(plan: _Plan) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from image_classifier import __version__
 from image_classifier.cli import (
     evaluate,
+    export,
     gateway,
     make_request,
     model_server,
@@ -29,7 +30,7 @@ from image_classifier.errors import ImageClassifierError
 __all__ = ["build_parser", "main"]
 
 # In the order `--help` lists them: the model's life, then serving it, then calling it.
-COMMANDS = (train, evaluate, model_server, make_request, gateway, serve, predict)
+COMMANDS = (train, evaluate, export, model_server, make_request, gateway, serve, predict)
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130

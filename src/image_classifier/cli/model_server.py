@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from image_classifier.cli._common import SubParsers
+from image_classifier.cli._common import SubParsers, flag_bool
 from image_classifier.constants import DEFAULT_HOST, DEFAULT_REST_API_PORT, LOG_LEVELS
 from image_classifier.model_server._settings import (
     DEFAULT_LOAD_RETRY_INTERVAL_SECONDS,
@@ -96,6 +96,16 @@ def register(subparsers: SubParsers) -> None:
         help="larger request bodies get 413 (default 64 MiB)",
     )
     parser.add_argument(
+        "--enable_model_warmup",
+        type=flag_bool,
+        nargs="?",
+        const=True,
+        default=defaults.enable_model_warmup,
+        metavar="BOOL",
+        help="replay assets.extra/tf_serving_warmup_requests before a version is AVAILABLE "
+        "(default true)",
+    )
+    parser.add_argument(
         "--max_batch_size",
         type=int,
         default=DEFAULT_MAX_BATCH_SIZE,
@@ -165,6 +175,7 @@ def settings_from_args(args: argparse.Namespace) -> ModelServerSettings:
         http_body_timeout_seconds=args.http_body_timeout_seconds,
         max_connections=args.max_connections,
         max_decoded_pixels=args.max_decoded_pixels,
+        enable_model_warmup=args.enable_model_warmup,
     )
 
 

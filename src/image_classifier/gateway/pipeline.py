@@ -3,7 +3,7 @@
 The steps live in their own modules, in that order: :mod:`image_classifier.preprocess`,
 :mod:`.backends`, :mod:`.postprocess`; this module runs them for a batch of uploads.
 
-Preprocessing is :func:`image_classifier.preprocess.preprocess_image`, the project's single
+Preprocessing is :func:`image_classifier.preprocess.preprocess_pixels`, the project's single
 definition of it; it runs in worker threads (Pillow decoding is CPU work that would otherwise
 stall every other request on the event loop), at most a few at a time, so a burst of 12 MP
 uploads cannot hold dozens of decoded photos in memory at once.
@@ -27,7 +27,7 @@ from image_classifier.gateway.metrics import GatewayMetrics
 from image_classifier.gateway.postprocess import top_k
 from image_classifier.gateway.schemas import ClassPrediction, ImageResult
 from image_classifier.gateway.settings import GatewaySettings
-from image_classifier.preprocess import decoded_pixels, preprocess_image
+from image_classifier.preprocess import decoded_pixels, preprocess_pixels
 from image_classifier.webserver import DecodeBudget
 
 # Declared part types that may hold an image. Browsers and curl label files by extension and use
@@ -99,7 +99,7 @@ class Pipeline:
     def _decode(self, data: bytes) -> np.ndarray:
         # Runs in a worker thread: waiting for decoding room blocks the thread, not the loop.
         with self.decode_budget.reserve(decoded_pixels(data)):
-            return preprocess_image(data, max_pixels=self.settings.max_image_pixels)
+            return preprocess_pixels(data, max_pixels=self.settings.max_image_pixels)
 
     async def preprocess(self, data: bytes) -> np.ndarray:
         self.metrics.upload_bytes.observe(len(data))

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from image_classifier.errors import PayloadTooLargeError, RequestTimeoutError
 from image_classifier.model_server import _service
-from image_classifier.model_server._manager import ModelManager
+from image_classifier.model_server._manager import ModelManager, load_version
 from image_classifier.model_server._settings import ModelServerSettings
 from image_classifier.tfserving.errors import ServingError
 from image_classifier.tfserving.rest import parse_path
@@ -56,6 +56,7 @@ def create_app(
             settings.model_base_path,
             max_num_load_retries=settings.max_num_load_retries,
             load_retry_interval_seconds=settings.load_retry_interval_seconds,
+            loader=functools.partial(load_version, warmup=settings.enable_model_warmup),
         )
         app.state.manager = model
         app.state.limiter = anyio.CapacityLimiter(settings.rest_api_num_threads)

@@ -24,6 +24,7 @@ from image_classifier.servable import Servable, list_versions, load_servable
 from image_classifier.tfserving.errors import InvalidArgumentError, NotFoundError
 from image_classifier.tfserving.signatures import NUMPY_DTYPES, Signature, SignatureTable
 from image_classifier.tfserving.status import AVAILABLE, END, LOADING, VersionStatus
+from image_classifier.tfserving.warmup import WarmupError, read_warmup_requests
 
 logger = logging.getLogger("image_classifier.model_server")
 
@@ -63,15 +64,44 @@ class LoadedVersion:
         return {key: value.numpy() for key, value in result.items()}
 
 
-def load_version(version_dir: Path) -> LoadedVersion:
-    """Load one version directory and warm it up (the first call of a graph is the slow one)."""
+def load_version(version_dir: Path, *, warmup: bool = True) -> LoadedVersion:
+    """Load one version directory and warm it up (the first call of a graph is the slow one).
+
+    With ``warmup`` (``--enable_model_warmup``, on by default as in TF Serving) the version's
+    ``assets.extra/tf_serving_warmup_requests`` are replayed, and a malformed file or a failing
+    request fails the load, as in TF Serving; a version without the file gets one made-up
+    request per signature whose inputs can be made up.
+    """
     servable = load_servable(version_dir)
     loaded = LoadedVersion(version=servable.version, servable=servable)
-    _warm_up(loaded)
+    if not warmup:
+        return loaded
+    try:
+        requests = read_warmup_requests(servable.path)
+    except ImportError as exc:  # the file is there, TF Serving's message types are not
+        logger.warning("cannot read %s's warmup file (%s); warming up without it", version_dir, exc)
+        requests = []
+    if not requests:
+        _synthetic_warm_up(loaded)
+        return loaded
+    started = time.perf_counter()
+    for index, request in enumerate(requests):
+        try:
+            loaded.run(request.signature_name, request.inputs)
+        except Exception as exc:
+            raise WarmupError(
+                f"warmup request {index} ({request.signature_name}) of {version_dir} failed: {exc}"
+            ) from None
+    logger.info(
+        "replayed %d warmup requests of %s in %.2f s",
+        len(requests),
+        version_dir,
+        time.perf_counter() - started,
+    )
     return loaded
 
 
-def _warm_up(loaded: LoadedVersion) -> None:
+def _synthetic_warm_up(loaded: LoadedVersion) -> None:
     for signature in loaded.signatures.values():
         inputs = {}
         for key, info in signature.inputs.items():

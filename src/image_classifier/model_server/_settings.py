@@ -62,6 +62,9 @@ class ModelServerSettings:
     http_header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_S
     http_body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_S
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # Replay assets.extra/tf_serving_warmup_requests before a version is AVAILABLE (TF Serving's
+    # default).
+    enable_model_warmup: bool = True
     # Pixels of encoded images (serving_bytes) decoded at once, and at most in one request.
     max_decoded_pixels: int = DECODE_BUDGET_PIXELS
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -419,6 +419,14 @@ def encode_instances(images: np.ndarray, signature_name: str) -> bytes:
     """
     payload = {SIGNATURE_NAME: signature_name, INSTANCES: images.tolist()}
     return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def encode_b64_instances(signature_name: str, blobs: Sequence[bytes]) -> bytes:
+    """A row-format body for a one-input string signature: ``[{"b64": ...}, ...]``."""
+    instances = [{B64: base64.b64encode(blob).decode("ascii")} for blob in blobs]
+    return json.dumps(
+        {SIGNATURE_NAME: signature_name, INSTANCES: instances}, separators=(",", ":")
+    ).encode()
 
 
 class PredictionsFormatError(ValueError):

@@ -78,7 +78,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def predict(self, images: np.ndarray) -> BackendPrediction:
-        """float32 ``(n, 32, 32, 3)`` in [0, 1] -> probabilities from one model version."""
+        """Preprocessed uint8 ``(n, 32, 32, 3)`` -> probabilities from one model version.
+
+        The model's input is these pixels normalized (:func:`preprocess.normalize`); keeping
+        them uint8 until the backend lets it choose the compact wire.
+        """
 
     @abc.abstractmethod
     async def signatures(self, version: str | None) -> dict[str, Any] | None:

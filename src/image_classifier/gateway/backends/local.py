@@ -27,6 +27,7 @@ from image_classifier.gateway.backends.base import (
 )
 from image_classifier.gateway.errors import BackendTimeoutError, ModelUnavailableError
 from image_classifier.gateway.settings import GatewaySettings
+from image_classifier.preprocess import normalize
 from image_classifier.tfserving.status import AVAILABLE, END, LOADING, START
 
 if TYPE_CHECKING:
@@ -97,7 +98,10 @@ class LocalBackend(Backend):
                 with anyio.fail_after(timeout):
                     # The thread cannot be stopped, but the client gets its 504 on time.
                     probs = await anyio.to_thread.run_sync(
-                        servable.predict, images, limiter=self.limiter, abandon_on_cancel=True
+                        servable.predict,
+                        normalize(images),
+                        limiter=self.limiter,
+                        abandon_on_cancel=True,
                     )
             except TimeoutError:
                 raise BackendTimeoutError(

@@ -1,8 +1,10 @@
 """The ``tfserving`` backend: TensorFlow Serving's REST API (or the embedded model server).
 
-Preprocessed float images go out as a row-format ``:predict`` body; no TensorFlow in this
-process. The wire format, URLs and status body are TF Serving's, from
-:mod:`image_classifier.tfserving`.
+Preprocessed images go out as a row-format ``:predict`` body: on the compact wire (each image's
+3,072 raw bytes as ``{"b64": ...}`` to the ``serving_pixels`` signature, ~4 KB) when the served
+version has that signature, as float rows to ``serving_default`` (~40 KB) otherwise; the
+answers are identical. No TensorFlow in this process. The wire format, URLs and status body
+are TF Serving's, from :mod:`image_classifier.tfserving`.
 
 Health is one piece of state, :attr:`TFServingBackend.health`, updated from every answer:
 a status answer replaces it, a failed call marks the backend unreachable, and a successful
@@ -23,7 +25,13 @@ import anyio.to_thread
 import httpx
 import numpy as np
 
-from image_classifier.constants import CIFAR10_CLASSES, SERVING_DEFAULT, BackendKind
+from image_classifier.constants import (
+    CIFAR10_CLASSES,
+    PIXELS_INPUT_KEY,
+    SERVING_DEFAULT,
+    SERVING_PIXELS,
+    BackendKind,
+)
 from image_classifier.errors import ModelNotFoundError
 from image_classifier.gateway.backends.base import (
     Backend,
@@ -41,10 +49,12 @@ from image_classifier.gateway.errors import (
 )
 from image_classifier.gateway.postprocess import class_names_from_card
 from image_classifier.gateway.settings import GatewaySettings
+from image_classifier.preprocess import normalize
 from image_classifier.servable import read_metadata, resolve_version_dir
 from image_classifier.tfserving.json_tensor import (
     PredictionsFormatError,
     decode_predictions,
+    encode_b64_instances,
     encode_instances,
 )
 from image_classifier.tfserving.rest import model_path, predict_path
@@ -97,6 +107,7 @@ class TFServingBackend(Backend):
         self.health: Health | None = None
         self._status_lock = asyncio.Lock()
         self._cards: dict[str, ModelCard] = {}
+        self._pixels_signature: dict[str, bool] = {}
 
     @property
     def base_url(self) -> str:
@@ -216,21 +227,44 @@ class TFServingBackend(Backend):
         assert status.version is not None
         return status.version
 
+    async def _body_for(self, version: str, images: np.ndarray) -> bytes:
+        """The predict body for ``version``: raw pixels when it has the compact signature."""
+        if await self._speaks_pixels(version):
+            return encode_b64_instances(SERVING_PIXELS, [image.tobytes() for image in images])
+        # An export without it (older, or another project's) gets TF Serving's float rows.
+        return await anyio.to_thread.run_sync(encode_instances, normalize(images), SERVING_DEFAULT)
+
+    async def _speaks_pixels(self, version: str) -> bool:
+        """Whether ``version`` has the ``serving_pixels`` signature (asked once per version)."""
+        if version not in self._pixels_signature:
+            try:
+                signatures = await self.signatures(version) or {}
+            except BackendError:
+                return False  # asked again next time; the float body works everywhere
+            inputs = signatures.get(SERVING_PIXELS, {}).get("inputs", {})
+            self._pixels_signature[version] = (
+                inputs.get(PIXELS_INPUT_KEY, {}).get("dtype") == "DT_STRING"
+            )
+        return self._pixels_signature[version]
+
     async def predict(self, images: np.ndarray) -> BackendPrediction:
         n = len(images)
-        content = await anyio.to_thread.run_sync(encode_instances, images, SERVING_DEFAULT)
         async with self._observed("predict"):
             version = await self._serving_version()
             # Pinning the version makes the reported version the one that computed the answer,
             # even while TF Serving swaps versions.
-            path = predict_path(self.model_name, version)
             try:
-                response = await self._send("POST", path, content=content)
+                content = await self._body_for(version, images)
+                response = await self._send(
+                    "POST", predict_path(self.model_name, version), content=content
+                )
                 if response.status_code == 404:
                     # That version was unloaded since we looked: ask again, try the new one once.
                     version = await self._serving_version(refresh=True)
-                    path = predict_path(self.model_name, version)
-                    response = await self._send("POST", path, content=content)
+                    content = await self._body_for(version, images)
+                    response = await self._send(
+                        "POST", predict_path(self.model_name, version), content=content
+                    )
             except BackendUnavailableError as exc:
                 self._record_failure(exc)
                 raise
