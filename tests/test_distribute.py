@@ -330,3 +330,34 @@ def test_one_worker_reproduces_the_non_distributed_run(runs: dict[str, Run]) -> 
         np.testing.assert_allclose(histories[0][key], values, rtol=1e-4, atol=1e-5, err_msg=key)
     served = [load_servable(run.models / "1").predict(_probe_images()) for run in (single, plain)]
     np.testing.assert_allclose(served[0], served[1], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_mirrored_trains_with_keras_fit_under_the_strategy_and_exports(tmp_path: Path) -> None:
+    """MirroredStrategy over this machine's one CPU device: Keras' own fit, then the export
+    from a plain copy of the weights."""
+    pytest.importorskip("tensorflow", reason="training needs TensorFlow")
+    from image_classifier.data import load_splits
+    from image_classifier.model import ModelConfig
+    from image_classifier.servable import load_servable
+    from image_classifier.train import TrainConfig, train
+
+    splits = load_splits(write_cifar_batches(tmp_path / "cifar", per_batch=20), validation_size=20)
+    result = train(
+        splits,
+        model_config=ModelConfig(stem_filters=(8, 16), tcn_filters=16),
+        train_config=TrainConfig(
+            epochs=1, batch_size=16, validation_size=20, precision="float32", verbose=0
+        ),
+        model_base_path=tmp_path / "models",
+        run_dir=tmp_path / "run",
+        distribute="mirrored",
+    )
+    assert result.export_dir == tmp_path / "models" / "1"
+    assert result.metadata["training"]["distribute"] == {
+        "mode": "mirrored",
+        "strategy": "MirroredStrategy",
+        "replicas": 1,
+    }
+    probabilities = load_servable(result.export_dir).predict(_probe_images())
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)

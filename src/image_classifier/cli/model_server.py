@@ -14,6 +14,8 @@ from pathlib import Path
 
 from image_classifier.cli._common import SubParsers, flag_bool
 from image_classifier.constants import DEFAULT_HOST, DEFAULT_REST_API_PORT, LOG_LEVELS
+from image_classifier.errors import ConfigError
+from image_classifier.model_server._batching import BatchingOptions
 from image_classifier.model_server._settings import (
     DEFAULT_LOAD_RETRY_INTERVAL_SECONDS,
     DEFAULT_MAX_BATCH_SIZE,
@@ -96,6 +98,34 @@ def register(subparsers: SubParsers) -> None:
         help="larger request bodies get 413 (default 64 MiB)",
     )
     parser.add_argument(
+        "--enable_batching",
+        type=flag_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="merge concurrent requests into batched model calls (default false)",
+    )
+    parser.add_argument(
+        "--batching_parameters_file",
+        type=Path,
+        help="BatchingParameters text proto (max_batch_size, batch_timeout_micros, "
+        "num_batch_threads, max_enqueued_batches, allowed_batch_sizes); "
+        "TF Serving's defaults without it",
+    )
+    parser.add_argument(
+        "--monitoring_config_file",
+        type=Path,
+        help="MonitoringConfig text proto; with prometheus_config { enable: true } the "
+        "metrics are served at its path (default /monitoring/prometheus/metrics)",
+    )
+    parser.add_argument(
+        "--rest_api_timeout_in_ms",
+        type=int,
+        default=defaults.rest_api_timeout_in_ms,
+        help=f"a predict not answered by then gets 504 (default {defaults.rest_api_timeout_in_ms})",
+    )
+    parser.add_argument(
         "--enable_model_warmup",
         type=flag_bool,
         nargs="?",
@@ -176,7 +206,41 @@ def settings_from_args(args: argparse.Namespace) -> ModelServerSettings:
         max_connections=args.max_connections,
         max_decoded_pixels=args.max_decoded_pixels,
         enable_model_warmup=args.enable_model_warmup,
+        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
+        batching=_batching(args),
+        prometheus_path=_prometheus_path(args),
     )
+
+
+# TF Serving's PrometheusExporter::kPrometheusPath, used when the config names no path.
+DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+
+
+def _prometheus_path(args: argparse.Namespace) -> str | None:
+    if args.monitoring_config_file is None:
+        return None
+    from image_classifier.tfserving.config import parse_monitoring_config, read_text_proto
+
+    config = read_text_proto(args.monitoring_config_file, parse_monitoring_config)
+    if not config.prometheus_config.enable:
+        return None
+    path = str(config.prometheus_config.path or DEFAULT_PROMETHEUS_PATH)
+    if not path.startswith("/") or path.startswith("/v1/"):
+        raise ConfigError(
+            f"{args.monitoring_config_file}: prometheus_config.path {path!r} must start with "
+            "'/' and lie outside /v1/"
+        )
+    return path
+
+
+def _batching(args: argparse.Namespace) -> BatchingOptions | None:
+    if not args.enable_batching:
+        if args.batching_parameters_file is not None:
+            logger.warning("--batching_parameters_file is ignored without --enable_batching")
+        return None
+    if args.batching_parameters_file is None:
+        return BatchingOptions()  # TF Serving's defaults
+    return BatchingOptions.from_file(args.batching_parameters_file)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,9 +10,11 @@ so the event loop keeps answering status probes while a big batch is computed.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,14 +22,18 @@ import anyio
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from image_classifier.errors import PayloadTooLargeError, RequestTimeoutError
 from image_classifier.model_server import _service
+from image_classifier.model_server._batching import Batcher
 from image_classifier.model_server._manager import ModelManager, load_version
+from image_classifier.model_server._monitoring import ServerMetrics
 from image_classifier.model_server._settings import ModelServerSettings
 from image_classifier.tfserving.errors import ServingError
-from image_classifier.tfserving.rest import parse_path
+from image_classifier.tfserving.json_tensor import encode_predict_response
+from image_classifier.tfserving.rest import ApiCall, parse_path
 from image_classifier.webserver import (
     BodyGuardMiddleware,
     DecodeBudget,
@@ -63,6 +69,17 @@ def create_app(
         app.state.decode_budget = DecodeBudget(
             settings.max_decoded_pixels, setting="--max_decoded_pixels"
         )
+        app.state.run_signature = functools.partial(
+            _service.run_signature,
+            app.state.decode_budget,
+            app.state.metrics,
+            settings.model_name,
+        )
+        app.state.batcher = None
+        if settings.batching is not None:
+            app.state.batcher = Batcher(
+                settings.batching, app.state.run_signature, observer=app.state.metrics
+            )
         # Like tensorflow_model_server, load before accepting connections, so "port open"
         # usually means "model AVAILABLE"; a missing or broken version still lets the server
         # start (and report it in the status endpoint) rather than exit.
@@ -91,6 +108,8 @@ def create_app(
             yield
         finally:
             stop.set()
+            if app.state.batcher is not None:
+                await anyio.to_thread.run_sync(app.state.batcher.stop)
             if poller is not None:
                 await anyio.to_thread.run_sync(
                     functools.partial(poller.join, _JOIN_TIMEOUT_SECONDS)
@@ -106,6 +125,11 @@ def create_app(
         openapi_url=None,
     )
     app.state.settings = settings
+    app.state.metrics = ServerMetrics()
+    if settings.prometheus_path is not None:
+        app.add_api_route(
+            settings.prometheus_path, _prometheus, methods=["GET"], include_in_schema=False
+        )
     app.add_exception_handler(ServingError, _serving_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
@@ -121,25 +145,87 @@ def create_app(
     return app
 
 
+async def _prometheus(request: Request) -> Response:
+    metrics: ServerMetrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 async def _v1(request: Request) -> Response:
+    call = parse_path(request.method, request.url.path)
+    if call.kind in ("status", "metadata"):
+        return await _answer(request, call)
+    # Predictions are counted and timed under TF Serving's metric names, errors included.
+    started = time.perf_counter()
+    status = "OK"
+    try:
+        return await _answer(request, call)
+    except ServingError as exc:
+        status = exc.status
+        raise
+    except Exception:
+        status = "INTERNAL"
+        raise
+    finally:
+        metrics: ServerMetrics = request.app.state.metrics
+        micros = (time.perf_counter() - started) * 1e6
+        metrics.observe_request(call.model_name, status, call.kind.capitalize(), "REST", micros)
+
+
+async def _answer(request: Request, call: ApiCall) -> Response:
     settings: ModelServerSettings = request.app.state.settings
     manager: ModelManager = request.app.state.manager
-    call = parse_path(request.method, request.url.path)
     if call.kind == "status":
         return SafeJSONResponse(_service.model_status(manager, call))
     if call.kind == "metadata":
         return SafeJSONResponse(_service.model_metadata(manager, call))
     body = await request.body()  # BodyGuardMiddleware cuts it off at the limit
+    timeout = settings.rest_api_timeout_in_ms / 1000
+    deadline = time.monotonic() + timeout
+    limiter = request.app.state.limiter
+    budget = request.app.state.decode_budget
+    batcher: Batcher | None = request.app.state.batcher
+    try:
+        with anyio.fail_after(timeout):
+            prepared = await anyio.to_thread.run_sync(
+                functools.partial(
+                    _service.prepare_predict,
+                    manager,
+                    call,
+                    body,
+                    max_batch_size=settings.max_batch_size,
+                    max_request_pixels=budget.capacity,
+                ),
+                limiter=limiter,
+            )
+            if batcher is not None:
+                future = batcher.submit(
+                    prepared.loaded,
+                    prepared.signature_name,
+                    prepared.inputs,
+                    pixels=prepared.pixels,
+                    deadline=deadline,
+                )
+                outputs = await asyncio.wrap_future(future)
+            else:
+                outputs = await anyio.to_thread.run_sync(
+                    functools.partial(
+                        request.app.state.run_signature,
+                        prepared.loaded,
+                        prepared.signature_name,
+                        prepared.inputs,
+                        prepared.pixels,
+                    ),
+                    limiter=limiter,
+                    abandon_on_cancel=True,  # the client gets its answer at the deadline
+                )
+    except TimeoutError:
+        raise ServingError(
+            f"Request timed out after {settings.rest_api_timeout_in_ms} ms "
+            "(--rest_api_timeout_in_ms)",
+            status="DEADLINE_EXCEEDED",
+        ) from None
     content = await anyio.to_thread.run_sync(
-        functools.partial(
-            _service.predict,
-            manager,
-            call,
-            body,
-            max_batch_size=settings.max_batch_size,
-            decode_budget=request.app.state.decode_budget,
-        ),
-        limiter=request.app.state.limiter,
+        functools.partial(encode_predict_response, outputs, row_format=prepared.row_format)
     )
     return Response(content, media_type="application/json")
 

@@ -1,21 +1,25 @@
 """TF Serving's REST API over a :class:`ModelManager`, independent of HTTP plumbing.
 
 The app matches the URL with :func:`image_classifier.tfserving.rest.parse_path`; the
-``model_status``, ``model_metadata`` and ``predict`` functions return JSON bodies or raise
-:class:`ServingError`. ``predict`` is synchronous (parsing, TensorFlow, encoding): the app runs
-it in a worker thread.
+``model_status`` and ``model_metadata`` functions return JSON bodies, a predict is
+:func:`prepare_predict` (parse and check) then :func:`run_signature` (TensorFlow), directly or
+through the batcher; each raises :class:`ServingError`. All of it is synchronous: the app runs
+it in worker threads.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 
 from image_classifier.constants import SERVING_DEFAULT
 from image_classifier.errors import InvalidImageError, OverloadedError
-from image_classifier.model_server._manager import ModelManager
+from image_classifier.model_server._manager import LoadedVersion, ModelManager
+from image_classifier.model_server._monitoring import ServerMetrics
 from image_classifier.preprocess import MAX_PIXELS, check_encoded_image
 from image_classifier.tfserving.errors import (
     InvalidArgumentError,
@@ -25,7 +29,6 @@ from image_classifier.tfserving.errors import (
 )
 from image_classifier.tfserving.json_tensor import (
     decode_predict_request,
-    encode_predict_response,
     parse_json_object,
     signature_name_of,
 )
@@ -55,17 +58,26 @@ def model_metadata(manager: ModelManager, call: ApiCall) -> dict[str, Any]:
     }
 
 
-def predict(
+@dataclass(frozen=True)
+class PreparedPredict:
+    """A ``:predict`` request parsed and checked, ready to run on the version it named."""
+
+    loaded: LoadedVersion
+    signature_name: str
+    inputs: dict[str, np.ndarray]
+    row_format: bool
+    pixels: int  # encoded-image pixels the run will decode (serving_bytes), else 0
+
+
+def prepare_predict(
     manager: ModelManager,
     call: ApiCall,
     body: bytes,
     *,
     max_batch_size: int,
-    decode_budget: DecodeBudget,
-) -> bytes:
-    """A whole ``:predict`` (or ``:classify``/``:regress``) call, body in, JSON bytes out."""
-    import tensorflow as tf
-
+    max_request_pixels: int,
+) -> PreparedPredict:
+    """Parse and check a ``:predict`` (or ``:classify``/``:regress``) body; nothing runs yet."""
     # TF Serving's order: parse, signature_name, find the servable, then the signature.
     document = parse_json_object(body)
     signature_name = signature_name_of(document, SERVING_DEFAULT)
@@ -87,14 +99,32 @@ def predict(
         may_contain_bools=b"true" in body or b"false" in body,
     )
     pixels = check_encoded_images(
-        request.inputs,
-        max_image_pixels=MAX_PIXELS,
-        max_request_pixels=decode_budget.capacity,
+        request.inputs, max_image_pixels=MAX_PIXELS, max_request_pixels=max_request_pixels
     )
+    return PreparedPredict(loaded, signature.name, request.inputs, request.row_format, pixels)
+
+
+def run_signature(
+    decode_budget: DecodeBudget,
+    metrics: ServerMetrics,
+    model_name: str,
+    loaded: LoadedVersion,
+    signature_name: str,
+    inputs: Mapping[str, np.ndarray],
+    pixels: int,
+) -> dict[str, np.ndarray]:
+    """Call one signature; every failure leaves as a :class:`ServingError`.
+
+    Encoded images first wait for decoding room (UNAVAILABLE after a bounded wait).
+    """
+    import tensorflow as tf
+
     try:
-        # Encoded images wait for decoding room (OverloadedError -> 503 after a bounded wait).
         with decode_budget.reserve(pixels):
-            outputs = loaded.run(signature.name, request.inputs)
+            started = time.perf_counter()
+            outputs = loaded.run(signature_name, inputs)
+            metrics.observe_runtime(model_name, "Predict", (time.perf_counter() - started) * 1e6)
+            return outputs
     except OverloadedError as exc:
         raise ServingError(str(exc), status="UNAVAILABLE") from None
     except tf.errors.OpError as exc:
@@ -102,7 +132,6 @@ def predict(
     except (TypeError, ValueError) as exc:
         # The function's own argument binding refused the tensors (checked above, so rare).
         raise InvalidArgumentError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
-    return encode_predict_response(outputs, row_format=request.row_format)
 
 
 def check_encoded_images(

@@ -23,6 +23,7 @@ from image_classifier.constants import (
     LogLevel,
 )
 from image_classifier.errors import ConfigError
+from image_classifier.model_server._batching import BatchingOptions
 from image_classifier.preprocess import MAX_PIXELS
 
 # TF Serving's default: a new version is noticed within about a second of its rename into place.
@@ -62,6 +63,12 @@ class ModelServerSettings:
     http_header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_S
     http_body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_S
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # TF Serving's --rest_api_timeout_in_ms: a predict not answered by then gets 504.
+    rest_api_timeout_in_ms: int = 30_000
+    # --enable_batching with --batching_parameters_file, as options (None: no batching).
+    batching: BatchingOptions | None = None
+    # --monitoring_config_file's prometheus_config: where metrics are served (None: nowhere).
+    prometheus_path: str | None = None
     # Replay assets.extra/tf_serving_warmup_requests before a version is AVAILABLE (TF Serving's
     # default).
     enable_model_warmup: bool = True
@@ -82,6 +89,7 @@ class ModelServerSettings:
         if self.max_decoded_pixels < MAX_PIXELS:
             problems.append(f"max_decoded_pixels must be >= {MAX_PIXELS:,} (one largest image)")
         for name in (
+            "rest_api_timeout_in_ms",
             "max_request_bytes",
             "max_batch_size",
             "rest_api_num_threads",
