@@ -295,3 +295,17 @@ def test_a_version_with_a_broken_warmup_file_does_not_load(
 
     with pytest.raises(WarmupError, match="TFRecord"):
         load_version(version)
+
+
+def test_serve_runs_the_model_server_with_the_packaged_batching_parameters() -> None:
+    from image_classifier.cli import build_parser
+    from image_classifier.cli.serve import _batching_flags
+
+    args = build_parser().parse_args(["serve"])
+    flags = _batching_flags(args.batching)
+    config = Path(flags[1].removeprefix("--batching_parameters_file="))
+    options = BatchingOptions.from_file(config)
+
+    assert flags[0] == "--enable_batching"
+    assert (options.max_batch_size, options.num_batch_threads) == (64, 1)
+    assert _batching_flags(build_parser().parse_args(["serve", "--no-batching"]).batching) == ()

@@ -57,6 +57,7 @@ class ModelServerProcess:
         restart: bool = True,
         python: str = sys.executable,
         log_level: LogLevel = "info",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.model_base_path = model_base_path
         self.model_name = model_name
@@ -64,6 +65,7 @@ class ModelServerProcess:
         self.restart = restart
         self.python = python
         self.log_level = log_level
+        self.extra_args = extra_args
         self.url = f"http://{DEFAULT_HOST}:{port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -88,6 +90,7 @@ class ModelServerProcess:
             str(self.model_base_path),
             "--log_level",
             self.log_level,
+            *self.extra_args,
         ]
 
     @property

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import signal
 import sys
+from importlib import resources
 from pathlib import Path
 from types import FrameType
 
@@ -78,12 +79,27 @@ def register(subparsers: SubParsers) -> None:
         "--no-restart", action="store_true", help="do not restart the model server if it dies"
     )
     parser.add_argument(
+        "--batching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="server-side batching in the model server, with the packaged, tuned "
+        "serve_batching.config (default on)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=LOG_LEVELS,
         help="log level of both processes (default info; debug logs every request)",
     )
     parser.set_defaults(func=run)
+
+
+def _batching_flags(enabled: bool) -> tuple[str, ...]:
+    if not enabled:
+        return ()
+    # The tuned parameters ship inside the package (model_server/serve_batching.config).
+    config = resources.files("image_classifier.model_server").joinpath("serve_batching.config")
+    return ("--enable_batching", f"--batching_parameters_file={config}")
 
 
 def _display_host(host: str) -> str:
@@ -122,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.model_port,
         restart=not args.no_restart,
         log_level=args.log_level,
+        extra_args=_batching_flags(args.batching),
     )
 
     def banner() -> None:

@@ -71,6 +71,18 @@ class GatewayMetrics:
             ["code"],
             registry=r,
         )
+        self.backend_batch_images = Histogram(
+            "gateway_backend_batch_images",
+            "Images per backend predict call (concurrent uploads are merged into one call).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.backend_batch_requests = Histogram(
+            "gateway_backend_batch_requests",
+            "Client requests merged into one backend predict call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.upload_bytes = Histogram(
             "gateway_image_upload_bytes",
             "Size of each uploaded image file.",

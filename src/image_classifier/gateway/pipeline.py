@@ -21,6 +21,7 @@ import numpy as np
 
 from image_classifier.errors import ImageClassifierError, InvalidImageError
 from image_classifier.gateway.backends import Backend
+from image_classifier.gateway.coalesce import Coalescer
 from image_classifier.gateway.errors import TooManyPixelsError, UnsupportedMediaTypeError
 from image_classifier.gateway.handlers import error_info
 from image_classifier.gateway.metrics import GatewayMetrics
@@ -83,6 +84,12 @@ class Pipeline:
         self._limiter: anyio.CapacityLimiter | None = None
         # Decoded pixels held at once across requests: a burst of large PNGs waits its turn
         # (then 503) instead of multiplying the gateway's peak memory.
+        self.coalescer = Coalescer(
+            backend,
+            metrics,
+            max_batch_size=settings.coalesce_max_batch_size,
+            max_in_flight=settings.coalesce_max_in_flight,
+        )
         self.decode_budget = DecodeBudget(
             settings.decode_budget_pixels,
             wait_s=settings.request_timeout_s,
@@ -151,7 +158,7 @@ class Pipeline:
 
         indices = sorted(arrays)
         batch = np.stack([arrays[i] for i in indices])
-        prediction = await self.backend.predict(batch)
+        prediction = await self.coalescer.predict(batch)
         names = self.backend.class_names(prediction.model_version)
         for row, index in enumerate(indices):
             predictions = top_k(prediction.probabilities[row], names, k)

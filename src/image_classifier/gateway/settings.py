@@ -90,6 +90,20 @@ class GatewaySettings(BaseSettings):
     max_image_pixels: int = Field(
         MAX_PIXELS, ge=1024, description="Decompression-bomb guard: most pixels in one image."
     )
+    coalesce_max_batch_size: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Most images merged from concurrent uploads into one backend call "
+        "(1 turns merging off).",
+    )
+    coalesce_max_in_flight: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="Backend predict calls running at once; uploads arriving meanwhile are "
+        "merged into the next call.",
+    )
     max_request_pixels: int = Field(
         MAX_REQUEST_PIXELS,
         ge=MAX_PIXELS,
