@@ -15,7 +15,11 @@
 #
 #   docker run -p 8501:8501 image_classifier_server \
 #     --monitoring_config_file=/etc/tf_serving/monitoring.config \
-#     --enable_batching=true --batching_parameters_file=/etc/tf_serving/batching.config
+#     --enable_batching=true --batching_parameters_file=/etc/tf_serving/batching.config \
+#     --enable_model_warmup=true
+#
+# Each exported version carries assets.extra/tf_serving_warmup_requests (one request per
+# signature), which TF Serving replays before the version becomes AVAILABLE.
 #
 # compose.yaml does exactly that (`docker compose up --build` starts this and the gateway).
 #

@@ -347,6 +347,7 @@ def needed_in_context() -> list[str]:
         f"{DEFAULT_MODEL_BASE_PATH}/1/saved_model.pb",
         f"{DEFAULT_MODEL_BASE_PATH}/1/variables/variables.index",
         f"{DEFAULT_MODEL_BASE_PATH}/1/assets/class_names.txt",
+        f"{DEFAULT_MODEL_BASE_PATH}/2/assets.extra/tf_serving_warmup_requests",
         "src/image_classifier/__init__.py",
         "docker/tf_serving/batching.config",
         "docker/tf_serving/monitoring.config",
@@ -498,6 +499,7 @@ def test_compose_tf_serving_service(compose) -> None:
         "file_system_poll_wait_seconds",
     }
     assert command["enable_batching"] == "true"
+    assert command["enable_model_warmup"] == "true"
     assert int(command["file_system_poll_wait_seconds"]) > 0
 
 
@@ -811,6 +813,16 @@ def test_model_directory_holds_a_servable_version() -> None:
         assert (version / "saved_model.pb").is_file(), f"{version}: no saved_model.pb"
         assert (version / "variables").is_dir(), f"{version}: no variables/"
         assert (version / "variables" / "variables.index").is_file(), f"{version}: no variables"
+
+
+def test_the_served_model_carries_the_warmup_file_tf_serving_replays() -> None:
+    from image_classifier.constants import WARMUP_FILE
+
+    versions = model_versions()
+    assert versions, MISSING_MODEL
+    assert (versions[-1] / WARMUP_FILE).is_file()
+    # ...and .dockerignore lets it into the image: test_dockerignore_keeps_every_copy_source.
+    assert f"{DEFAULT_MODEL_BASE_PATH}/{versions[-1].name}/{WARMUP_FILE}" in needed_in_context()
 
 
 def test_latest_model_serving_default_signature_loads() -> None:
