@@ -473,6 +473,10 @@ def train(
                 shuffle=False,  # the tf.data pipeline shuffles
             )
     except KeyboardInterrupt:
+        if multi_worker:
+            # One worker cannot stop alone: the others wait in a collective for its next step.
+            # It exits (status 130) and the cluster's failure handling ends the rest.
+            raise
         interrupted = True
         print("\ninterrupted: exporting the best checkpoint so far", flush=True)
     training_seconds = time.perf_counter() - started

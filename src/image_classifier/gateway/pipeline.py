@@ -31,6 +31,10 @@ from image_classifier.gateway.settings import GatewaySettings
 from image_classifier.preprocess import decoded_pixels, preprocess_pixels
 from image_classifier.webserver import DecodeBudget
 
+# Uploads this small are decoded on the event loop (see Pipeline.preprocess).
+_INLINE_BYTES = 32 * 1024
+_INLINE_PIXELS = 128 * 128
+
 # Declared part types that may hold an image. Browsers and curl label files by extension and use
 # application/octet-stream when they do not know, so that is let through to the decoder.
 _PASS_THROUGH_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
@@ -110,6 +114,9 @@ class Pipeline:
 
     async def preprocess(self, data: bytes) -> np.ndarray:
         self.metrics.upload_bytes.observe(len(data))
+        if len(data) <= _INLINE_BYTES and 0 < decoded_pixels(data) <= _INLINE_PIXELS:
+            # A thumbnail decodes in a fraction of a millisecond: less than a thread hop.
+            return preprocess_pixels(data, max_pixels=self.settings.max_image_pixels)
         return await anyio.to_thread.run_sync(partial(self._decode, data), limiter=self.limiter)
 
     async def check_request_pixels(self, uploads: Sequence[Upload]) -> None:
