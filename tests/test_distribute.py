@@ -3,7 +3,8 @@
 The runs are the real command line (``python -m image_classifier train --distribute ...``) on a
 tiny model and synthetic CIFAR batches: two workers of MultiWorkerMirroredStrategy talking over
 127.0.0.1 inside a private network namespace (``tests/cluster.py`` says why), one worker alone,
-and the non-distributed path, all started at once so the module costs one run's wall time.
+and the non-distributed path, all started at once so the module costs one run's wall time; while
+they run, this process trains under MirroredStrategy.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from image_classifier.errors import ConfigError
 from image_classifier.train import (
     DISTRIBUTE_MODES,
     TF_CONFIG_ENV,
+    TrainResult,
     WorkerRole,
     check_distribute,
     parse_tf_config,
@@ -234,8 +236,14 @@ def _start(name: str, root: Path, data: Path, workers: int | None) -> Run:
     return Run(name, process, models, run_dir, logs)
 
 
+@dataclass
+class Runs:
+    processes: dict[str, Run]  # "cluster", "single", "none": the command line, in subprocesses
+    mirrored: TrainResult  # train(distribute="mirrored"), in this process
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     pytest.importorskip("tensorflow", reason="training needs TensorFlow")
     root = tmp_path_factory.mktemp("distribute")
     # 5 x 64 images, 64 held out: 256 to train on, 8 whole global batches of 32.
@@ -246,6 +254,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
         "none": _start("none", root, data, workers=None),
     }
     try:
+        # Meanwhile (the workers spend part of their time waiting on each other), Keras' fit
+        # under MirroredStrategy over this machine's one CPU device, in this process.
+        mirrored = _train_mirrored(root / "mirrored", data)
         for run in started.values():
             run.process.wait(timeout=400)
     finally:
@@ -253,7 +264,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
             if run.process.poll() is None:
                 run.process.kill()
                 run.process.wait()
-    yield started
+    yield Runs(started, mirrored)
+
+
+def _train_mirrored(root: Path, data: Path) -> TrainResult:
+    from image_classifier.data import load_splits
+    from image_classifier.model import ModelConfig
+    from image_classifier.train import TrainConfig, train
+
+    return train(
+        load_splits(data, validation_size=64),
+        model_config=ModelConfig(stem_filters=(8, 16), tcn_filters=16),
+        train_config=TrainConfig(
+            epochs=1, batch_size=32, validation_size=64, precision="float32", verbose=0
+        ),
+        model_base_path=root / "models",
+        run_dir=root / "run",
+        distribute="mirrored",
+    )
 
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
@@ -274,10 +302,10 @@ def _probe_images() -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_two_workers_both_finish_with_equal_weights_and_one_export(runs: dict[str, Run]) -> None:
+def test_two_workers_both_finish_with_equal_weights_and_one_export(runs: Runs) -> None:
     from image_classifier.servable import list_versions
 
-    cluster = runs["cluster"]
+    cluster = runs.processes["cluster"]
     assert cluster.process.returncode == 0, cluster.log()
     chief, worker = cluster.result("worker-0.log"), cluster.result("worker-1.log")
     assert chief["export_dir"] == str(cluster.models / "1")
@@ -298,10 +326,10 @@ def test_two_workers_both_finish_with_equal_weights_and_one_export(runs: dict[st
 
 
 @pytest.mark.slow
-def test_the_chief_export_is_servable_and_says_how_it_was_trained(runs: dict[str, Run]) -> None:
+def test_the_chief_export_is_servable_and_says_how_it_was_trained(runs: Runs) -> None:
     from image_classifier.servable import load_servable
 
-    cluster = runs["cluster"]
+    cluster = runs.processes["cluster"]
     assert cluster.process.returncode == 0, cluster.log()
     export = cluster.models / "1"
     probabilities = load_servable(export).predict(_probe_images())
@@ -315,10 +343,10 @@ def test_the_chief_export_is_servable_and_says_how_it_was_trained(runs: dict[str
 
 
 @pytest.mark.slow
-def test_one_worker_reproduces_the_non_distributed_run(runs: dict[str, Run]) -> None:
+def test_one_worker_reproduces_the_non_distributed_run(runs: Runs) -> None:
     from image_classifier.servable import load_servable
 
-    single, plain = runs["single"], runs["none"]
+    single, plain = runs.processes["single"], runs.processes["none"]
     assert single.process.returncode == 0, single.log()
     assert plain.process.returncode == 0, plain.log()
     histories = [
@@ -333,27 +361,14 @@ def test_one_worker_reproduces_the_non_distributed_run(runs: dict[str, Run]) -> 
 
 
 @pytest.mark.slow
-def test_mirrored_trains_with_keras_fit_under_the_strategy_and_exports(tmp_path: Path) -> None:
+def test_mirrored_trains_with_keras_fit_under_the_strategy_and_exports(runs: Runs) -> None:
     """MirroredStrategy over this machine's one CPU device: Keras' own fit, then the export
-    from a plain copy of the weights."""
-    pytest.importorskip("tensorflow", reason="training needs TensorFlow")
-    from image_classifier.data import load_splits
-    from image_classifier.model import ModelConfig
+    from a plain copy of the weights, outside the strategy."""
     from image_classifier.servable import load_servable
-    from image_classifier.train import TrainConfig, train
 
-    splits = load_splits(write_cifar_batches(tmp_path / "cifar", per_batch=20), validation_size=20)
-    result = train(
-        splits,
-        model_config=ModelConfig(stem_filters=(8, 16), tcn_filters=16),
-        train_config=TrainConfig(
-            epochs=1, batch_size=16, validation_size=20, precision="float32", verbose=0
-        ),
-        model_base_path=tmp_path / "models",
-        run_dir=tmp_path / "run",
-        distribute="mirrored",
-    )
-    assert result.export_dir == tmp_path / "models" / "1"
+    result = runs.mirrored
+    assert result.export_dir is not None and result.export_dir.name == "1"
+    assert result.epochs_run == 1
     assert result.metadata["training"]["distribute"] == {
         "mode": "mirrored",
         "strategy": "MirroredStrategy",

@@ -148,3 +148,43 @@ def test_bad_files_are_explained_in_words(
 
     assert words in error.text_content()
     assert page.locator("[data-testid=top-label]").text_content() == ""
+
+
+@pytest.fixture
+def offline_page(browser: Any, gateway_live_url: str) -> Iterator[Any]:
+    """A page with the network off: only the gateway's own origin answers."""
+    context = browser.new_context()
+    page = context.new_page()
+    foreign: list[str] = []
+
+    def only_same_origin(route: Any) -> None:
+        if route.request.url.startswith(gateway_live_url):
+            route.continue_()
+        else:
+            foreign.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_same_origin)
+    yield page
+    context.close()
+    assert foreign == []  # nothing was fetched from a CDN
+
+
+def test_swagger_ui_renders_the_operations_offline(
+    offline_page: Any, gateway_live_url: str
+) -> None:
+    offline_page.goto(gateway_live_url + "/docs")
+
+    expect(offline_page.locator(".opblock-summary-path").first).to_be_visible(timeout=20_000)
+    paths = offline_page.locator(".opblock-summary-path").all_inner_texts()
+    assert {"/predict-image", "/predict-images", "/predict", "/ready"} <= {
+        p.strip().replace("\u200b", "") for p in paths
+    }
+
+
+def test_redoc_renders_the_operations_offline(offline_page: Any, gateway_live_url: str) -> None:
+    offline_page.goto(gateway_live_url + "/redoc")
+
+    heading = offline_page.locator("h2", has_text="Classify one uploaded image")
+    expect(heading).to_be_visible(timeout=20_000)
+    assert offline_page.locator("h2", has_text="Readiness").count() == 1

@@ -367,6 +367,30 @@ def test_embedded_overlay_swaps_only_the_model_server() -> None:
         assert one(embedded, kind, name) == one(tf_serving, kind, name)
 
 
+def test_tensorflow_thread_pools_match_the_cpu_limit() -> None:
+    """TensorFlow sizes its pools from the node's cores unless told; each model server is told
+    the pod's CPU limit (more threads than that only add throttling)."""
+
+    def flag_values(container_spec: Resource) -> dict[str, str]:
+        return dict(a.removeprefix("--").split("=", 1) for a in container_spec.get("args", []))
+
+    servers = [
+        container(one(build("k8s/overlays/tf-serving"), "Deployment", "model-server")),
+        isvc("kserve/release")["spec"]["predictor"]["model"],
+    ]
+    for server in servers:
+        limit = quantity(server["resources"]["limits"]["cpu"])
+        flags = flag_values(server)
+        assert float(flags["tensorflow_intra_op_parallelism"]) == limit
+        assert float(flags["tensorflow_inter_op_parallelism"]) == limit
+    embedded = container(one(build("k8s/overlays/embedded"), "Deployment", "model-server"))
+    assert not [f for f in flag_values(embedded) if f.startswith("tensorflow_")]
+    env = {e["name"]: e["value"] for e in embedded["env"]}
+    limit = quantity(embedded["resources"]["limits"]["cpu"])
+    for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+        assert float(env[name]) == limit, name
+
+
 @pytest.mark.parametrize("kustomization", [*SERVING_OVERLAYS, "k8s/training", *KSERVE])
 def test_images_are_pinned_to_a_tag(kustomization: str) -> None:
     resources = build(kustomization)

@@ -27,7 +27,7 @@ import ctypes.util
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -225,19 +225,27 @@ class BodyGuardMiddleware:
 
 
 class SecurityHeadersMiddleware:
-    """``X-Content-Type-Options: nosniff`` on every response: JSON must never be sniffed as HTML."""
+    """``X-Content-Type-Options: nosniff`` on every response: JSON must never be sniffed as HTML.
 
-    def __init__(self, app: ASGIApp) -> None:
+    ``policies`` adds a Content-Security-Policy to the pages at the given paths.
+    """
+
+    def __init__(self, app: ASGIApp, policies: Mapping[str, str] | None = None) -> None:
         self.app = app
+        self.policies = dict(policies or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        policy = self.policies.get(scope["path"])
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                if policy is not None:
+                    headers.setdefault("Content-Security-Policy", policy)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -10,6 +10,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from image_classifier import __version__
 from image_classifier.errors import ImageClassifierError
@@ -69,7 +70,9 @@ def create_app(
         finally:
             await model_backend.close()
 
-    app = FastAPI(
+    # FastAPIOffline serves Swagger UI's and ReDoc's files from the installed fastapi-offline
+    # package: FastAPI's own /docs loads them from a CDN and is blank without internet.
+    app = FastAPIOffline(
         title="image_classifier gateway",
         version=__version__,
         description=DESCRIPTION,
@@ -110,7 +113,15 @@ def create_app(
             max_age=600,
         )
     app.add_middleware(RequestContextMiddleware, metrics=app_metrics, routes=routes)
-    app.add_middleware(SecurityHeadersMiddleware)
+    # The API docs pages load only the gateway's own files; ReDoc's branding logo, which it
+    # would fetch from its CDN, is blocked rather than leaking a request off the machine.
+    docs_policy = (
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+        "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'"
+    )
+    app.add_middleware(
+        SecurityHeadersMiddleware, policies={"/docs": docs_policy, "/redoc": docs_policy}
+    )
     return app
 
 
