@@ -30,7 +30,8 @@ the second half of the run, so start-up and warm-up do not count as growth. A mo
 the watchdog restarted is reported, and its slope covers the newest process only.
 
 The summary is a Markdown table on stdout; ``--json PATH`` writes everything, per-interval
-reports and RSS samples included. Exit status 0 when there were no errors, 1 otherwise.
+reports and RSS samples included. Ctrl-C ends the load early and still reports. Exit status 0
+when there were no errors, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -235,43 +236,65 @@ def listening_pid(port: int) -> int | None:
     return None
 
 
-@contextmanager
-def spawned_serve(model_base_path: str, log_path: Path) -> Iterator[tuple[str, int]]:
-    """``image-classifier serve`` on free ports; yields (gateway URL, serve's pid)."""
-    port, model_port = _free_port(), _free_port()
-    command = [
-        sys.executable, "-m", "image_classifier", "serve",
-        "--port", str(port),
-        "--model-port", str(model_port),
-        "--model-base-path", model_base_path,
-        "--log-level", "warning",
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
+def _start_serve(model_base_path: str, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``serve`` on two free ports and wait until it is ready; (process, gateway URL).
+
+    Ports are free when picked, but another program may take one before serve binds it; such
+    a start is retried on new ports, a few times.
+    """
+    for attempt in range(1, 4):
+        port, model_port = _free_port(), _free_port()
+        command = [
+            sys.executable, "-m", "image_classifier", "serve",
+            "--port", str(port),
+            "--model-port", str(model_port),
+            "--model-base-path", model_base_path,
+            "--log-level", "warning",
+        ]  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        with log_path.open("wb") as log:
+            # Its own session: a Ctrl-C in the terminal reaches this script only, which then
+            # stops the load and reports before it stops serve.
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"serve exited with {process.returncode}:\n{_tail(log_path)}")
+        while process.poll() is None:
             try:
                 if httpx.get(f"{url}/ready", timeout=2, trust_env=False).status_code == 200:
-                    break
+                    return process, url
             except httpx.HTTPError:
                 pass  # not listening yet
             if time.monotonic() > deadline:
+                _stop(process)
                 waited = f"serve not ready within {STARTUP_TIMEOUT_S:g} s"
                 raise SystemExit(f"{waited}:\n{_tail(log_path)}")
             time.sleep(0.3)
+        log_text = log_path.read_text(errors="replace")
+        if attempt < 3 and ("already in use" in log_text or "is not free" in log_text):
+            continue
+        raise SystemExit(f"serve exited with {process.returncode}:\n{_tail(log_path)}")
+    raise AssertionError("unreachable")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)  # the same clean stop as Ctrl-C
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def spawned_serve(model_base_path: str, log_path: Path) -> Iterator[tuple[str, int]]:
+    """``image-classifier serve`` on free ports; yields (gateway URL, serve's pid)."""
+    process, url = _start_serve(model_base_path, log_path)
+    try:
         yield url, process.pid
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)  # the same clean stop as Ctrl-C
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        _stop(process)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -399,10 +422,8 @@ class Soak:
 
     # load -----------------------------------------------------------------------------------
 
-    async def _worker(
-        self, client: httpx.AsyncClient, draw: random.Random, deadline: float
-    ) -> None:
-        while time.monotonic() < deadline and self.sent < self.args.max_requests:
+    async def _worker(self, client: httpx.AsyncClient, draw: random.Random) -> None:
+        while time.monotonic() < self.deadline and self.sent < self.args.max_requests:
             self.sent += 1
             picture = picture_for(self.good, self.bad, draw, self.args.bad_share)
             files = {"file": (picture.filename, picture.data, picture.content_type)}
@@ -433,6 +454,13 @@ class Soak:
                 # requests included), rather than a separate sliver after this one.
                 if time.monotonic() < self.deadline - 1:
                     self.report_interval()
+
+    def _stop_early(self, loop: asyncio.AbstractEventLoop) -> None:
+        """First Ctrl-C: stop sending, let requests in flight finish, report as usual. A second
+        one interrupts (the handler is gone)."""
+        print("Stopping early: waiting for the requests in flight...", flush=True)
+        self.deadline = time.monotonic()
+        loop.remove_signal_handler(signal.SIGINT)
 
     def report_interval(self) -> None:
         now = time.monotonic()
@@ -485,10 +513,15 @@ class Soak:
             ]
             seed = random.Random(self.args.seed)
             workers = [
-                self._worker(client, random.Random(seed.random()), self.deadline)
+                self._worker(client, random.Random(seed.random()))
                 for _ in range(self.args.concurrency)
             ]
-            await asyncio.gather(*workers)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, self._stop_early, loop)
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
             self.elapsed = time.monotonic() - self.started
             stop.set()
             await asyncio.gather(*background)

@@ -331,7 +331,10 @@ def send(
     """One request over a fresh connection (no state carried from a previous example)."""
     # Latin-1 bytes: a header value may hold any octet, which httpx refuses in a str. Leading
     # and trailing blanks are not part of a value in HTTP (and h11 will not send them).
-    raw_headers = {k: v.strip(" \t").encode("latin-1") for k, v in (headers or {}).items()}
+    raw_headers = [
+        (name.encode("latin-1"), value.strip(" \t").encode("latin-1"))
+        for name, value in (headers or {}).items()
+    ]
     try:
         return target.client.request(method, path, content=content, headers=raw_headers)
     except httpx.TimeoutException as exc:

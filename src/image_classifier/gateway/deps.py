@@ -15,20 +15,22 @@ from image_classifier.gateway.pipeline import Pipeline
 from image_classifier.gateway.settings import GatewaySettings
 
 
+# Every dependency is `async def`: FastAPI runs a plain `def` one in a worker thread, a thread
+# hop per dependency per request for what is an attribute lookup.
 # create_app() puts these on app.state; Starlette types that state as Any.
-def get_settings(request: Request) -> GatewaySettings:
+async def get_settings(request: Request) -> GatewaySettings:
     return cast(GatewaySettings, request.app.state.settings)
 
 
-def get_backend(request: Request) -> Backend:
+async def get_backend(request: Request) -> Backend:
     return cast(Backend, request.app.state.backend)
 
 
-def get_metrics(request: Request) -> GatewayMetrics:
+async def get_metrics(request: Request) -> GatewayMetrics:
     return cast(GatewayMetrics, request.app.state.metrics)
 
 
-def get_pipeline(request: Request) -> Pipeline:
+async def get_pipeline(request: Request) -> Pipeline:
     return cast(Pipeline, request.app.state.pipeline)
 
 
@@ -59,7 +61,7 @@ def check_api_key(expected: str | None, header_key: str | None, bearer: str | No
         raise UnauthorizedError("the API key is not valid")
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     header_key: Annotated[str | None, Depends(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -73,7 +75,7 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-def require_multipart(request: Request) -> None:
+async def require_multipart(request: Request) -> None:
     media = _media_type(request)
     if media != "multipart/form-data":
         raise UnsupportedMediaTypeError(
@@ -82,7 +84,7 @@ def require_multipart(request: Request) -> None:
         )
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     media = _media_type(request)
     if media != "application/json" and not media.endswith("+json"):
         raise UnsupportedMediaTypeError(
