@@ -51,6 +51,10 @@ from image_classifier.errors import OverloadedError, PayloadTooLargeError, Reque
 logger = logging.getLogger("image_classifier.webserver")
 
 
+# A JSON body and extra response headers.
+BadRequestAnswer = tuple[bytes, dict[str, str]]
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """How long a client may take to send a request, and how many connections are served."""
@@ -261,6 +265,32 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     _header_timer: asyncio.TimerHandle | None = None
+    # The server's JSON error body (and extra headers) for a message: uvicorn answers a request
+    # it cannot even parse (bad Content-Length, bad chunk size...) before any app code runs.
+    bad_request: Callable[[str], BadRequestAnswer] = staticmethod(
+        lambda message: (json.dumps({"error": message}).encode(), {})
+    )
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own answer, in the server's JSON error shape instead of text/plain.
+        body, extra = self.bad_request(f"malformed HTTP request: {msg}")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-content-type-options", b"nosniff"),
+            (b"connection", b"close"),
+            *((name.encode(), value.encode()) for name, value in extra.items()),
+        ]
+        try:
+            for event in (
+                h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:
+            pass  # the connection is past the point of an answer: just close it
+        self.transport.close()
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
@@ -306,14 +336,18 @@ def uvicorn_config(
     host: str,
     port: int,
     limits: ConnectionLimits,
+    bad_request: Callable[[str], BadRequestAnswer] | None = None,
     **options: Any,
 ) -> uvicorn.Config:
-    """uvicorn's Config with the guards above; ``options`` go to uvicorn unchanged."""
-    protocol = type(
-        "BoundedH11Protocol",
-        (HeaderTimeoutH11Protocol,),
-        {"header_timeout_s": limits.header_timeout_s},
-    )
+    """uvicorn's Config with the guards above; ``options`` go to uvicorn unchanged.
+
+    ``bad_request`` renders the server's error shape for requests too malformed to reach the app
+    (default: ``{"error": message}``, TF Serving's shape).
+    """
+    attributes: dict[str, Any] = {"header_timeout_s": limits.header_timeout_s}
+    if bad_request is not None:
+        attributes["bad_request"] = staticmethod(bad_request)
+    protocol = type("BoundedH11Protocol", (HeaderTimeoutH11Protocol,), attributes)
     return uvicorn.Config(
         app,
         host=host,

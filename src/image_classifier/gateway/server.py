@@ -6,12 +6,14 @@ nothing here parses arguments or starts processes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 
 from image_classifier.gateway.app import create_app
+from image_classifier.gateway.context import REQUEST_ID_HEADER, accept_or_make_request_id
 from image_classifier.gateway.settings import GatewaySettings
 from image_classifier.webserver import ConnectionLimits, uvicorn_config
 
@@ -48,6 +50,13 @@ def logging_config(level: str) -> dict[str, Any]:
     }
 
 
+def _bad_request(message: str) -> tuple[bytes, dict[str, str]]:
+    """The gateway's error body for a request uvicorn could not parse (no app code ran)."""
+    request_id = accept_or_make_request_id(None)
+    body = {"error": {"code": "bad_request", "message": message, "request_id": request_id}}
+    return json.dumps(body).encode(), {REQUEST_ID_HEADER: request_id}
+
+
 class GatewayServer(uvicorn.Server):
     """uvicorn's server, plus a callback once its sockets listen (``serve`` prints its URLs)."""
 
@@ -74,6 +83,7 @@ def build_server(
         limits=ConnectionLimits(
             settings.header_timeout_s, settings.body_timeout_s, settings.max_connections
         ),
+        bad_request=_bad_request,
         log_config=logging_config(settings.log_level),
         log_level=settings.log_level,
         access_log=False,

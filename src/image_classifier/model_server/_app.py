@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from image_classifier.errors import PayloadTooLargeError, RequestTimeoutError
 from image_classifier.model_server import _service
@@ -183,7 +184,14 @@ async def _answer(request: Request, call: ApiCall) -> Response:
         return SafeJSONResponse(_service.model_status(manager, call))
     if call.kind == "metadata":
         return SafeJSONResponse(_service.model_metadata(manager, call))
-    body = await request.body()  # BodyGuardMiddleware cuts it off at the limit
+    try:
+        body = await request.body()  # BodyGuardMiddleware cuts it off at the limit
+    except ClientDisconnect:
+        # A body cut short by the client (or a framing error uvicorn has already answered):
+        # nothing to answer and nothing broken, so no traceback in the log either.
+        raise ServingError(
+            "Client disconnected before the request body was complete", status="CANCELLED"
+        ) from None
     timeout = settings.rest_api_timeout_in_ms / 1000
     deadline = time.monotonic() + timeout
     limiter = request.app.state.limiter
