@@ -2,9 +2,8 @@
 
 The runs are the real command line (``python -m image_classifier train --distribute ...``) on a
 tiny model and synthetic CIFAR batches: two workers of MultiWorkerMirroredStrategy talking over
-127.0.0.1 inside a private network namespace (``tests/cluster.py`` says why), one worker alone,
-and the non-distributed path, all started at once so the module costs one run's wall time; while
-they run, this process trains under MirroredStrategy.
+127.0.0.1 inside a private network namespace (``tests/cluster.py`` says why), then one worker
+alone and the non-distributed path side by side while this process trains under MirroredStrategy.
 """
 
 from __future__ import annotations
@@ -248,14 +247,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     root = tmp_path_factory.mktemp("distribute")
     # 5 x 64 images, 64 held out: 256 to train on, 8 whole global batches of 32.
     data = write_cifar_batches(root / "cifar", per_batch=64)
-    started = {
-        "cluster": _start("cluster", root, data, workers=2),
-        "single": _start("single", root, data, workers=1),
-        "none": _start("none", root, data, workers=None),
-    }
+    started: dict[str, Run] = {}
     try:
-        # Meanwhile (the workers spend part of their time waiting on each other), Keras' fit
-        # under MirroredStrategy over this machine's one CPU device, in this process.
+        # The two workers first, with a core each: they step in lockstep, so sharing the cores
+        # with other runs would make each wait for the other's time slice at every step.
+        started["cluster"] = _start("cluster", root, data, workers=2)
+        started["cluster"].process.wait(timeout=400)
+        started["single"] = _start("single", root, data, workers=1)
+        started["none"] = _start("none", root, data, workers=None)
+        # Meanwhile Keras' fit under MirroredStrategy (this machine's one CPU device), here.
         mirrored = _train_mirrored(root / "mirrored", data)
         for run in started.values():
             run.process.wait(timeout=400)

@@ -609,8 +609,7 @@ def test_model_server_readiness_requires_the_model_available(state: str, ready: 
 
 @pytest.mark.slow
 def test_model_server_probes_pass_against_the_real_embedded_server(
-    tmp_path: Path,
-    tiny_export: Callable[..., Any],
+    gateway_model_base_path: Path,
     start_model_server: Callable[..., Any],
 ) -> None:
     """The embedded overlay's model server, started with the overlay's own arguments (their
@@ -624,9 +623,8 @@ def test_model_server_probes_pass_against_the_real_embedded_server(
         if value.startswith("/etc/"):
             value = str(image_path_to_repo(EMBEDDED_DOCKERFILE, value))
         flags.append(f"{flag}={value}")
-    base = tmp_path / "image_classifier"
-    tiny_export(base, version=1)
-    running = start_model_server(base, *flags)
+    # The session's tiny export (conftest), shared with the other tests that serve one.
+    running = start_model_server(gateway_model_base_path, *flags)
     assert run_readiness(readiness_command("k8s/overlays/embedded"), running.port) == 0
     assert run_readiness(readiness_command("k8s/overlays/embedded"), running.port, "other") != 0
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
