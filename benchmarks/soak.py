@@ -494,6 +494,16 @@ class Soak:
             flush=True,
         )
 
+    async def _user(self, draw: random.Random) -> None:
+        # One client (one connection) per user: a single httpx pool shared by many concurrent
+        # requests costs the client milliseconds of CPU per request and would soak the load
+        # generator rather than the service.
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(
+            base_url=self.url, timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False
+        ) as client:
+            await self._worker(client, draw)
+
     async def run(self) -> None:
         limits = httpx.Limits(
             max_connections=self.args.concurrency, max_keepalive_connections=self.args.concurrency
@@ -513,8 +523,7 @@ class Soak:
             ]
             seed = random.Random(self.args.seed)
             workers = [
-                self._worker(client, random.Random(seed.random()))
-                for _ in range(self.args.concurrency)
+                self._user(random.Random(seed.random())) for _ in range(self.args.concurrency)
             ]
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGINT, self._stop_early, loop)
