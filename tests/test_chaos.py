@@ -28,6 +28,7 @@ from PIL import Image
 from image_classifier.constants import MODEL_NAME
 from image_classifier.gateway import GatewaySettings, build_server
 from image_classifier.tfserving.status import AVAILABLE, parse_status_body
+from servers import server_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -149,18 +150,10 @@ def stack(
         connect_timeout_s=0.5,
         log_level="warning",
     )
-    server = build_server(settings)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
     try:
-        yield model, f"http://127.0.0.1:{settings.port}"
+        with server_in_thread(build_server(settings)):
+            yield model, f"http://127.0.0.1:{settings.port}"
     finally:
-        server.should_exit = True
-        thread.join(timeout=15)
         model.stop()
 
 

@@ -31,6 +31,7 @@ from image_classifier.gateway.backends import (
     ModelStatus,
 )
 from image_classifier.gateway.errors import BackendTimeoutError, BackendUnavailableError
+from servers import run_asgi
 
 with warnings.catch_warnings():
     # Starlette nudges towards httpx2 on import; the TestClient works the same with httpx.
@@ -386,47 +387,6 @@ def test_unknown_route_and_method_use_the_error_shape(client: TestClient) -> Non
 # --- body limit at the ASGI level ----------------------------------------------------------------
 
 
-def _run_asgi(app: Any, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
-    """Send ``chunks`` as a streamed body; returns (status, chunks the app pulled)."""
-    import anyio
-
-    pulled = 0
-    status: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal pulled
-        if pulled < len(chunks):
-            pulled += 1
-            return {
-                "type": "http.request",
-                "body": chunks[pulled - 1],
-                "more_body": pulled < len(chunks),
-            }
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            status.append(message["status"])
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/predict-image",
-        "raw_path": b"/predict-image",
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-        "state": {},
-    }
-    anyio.run(app, scope, receive, send)
-    return status[0], pulled
-
-
 def test_streamed_upload_is_cut_off_at_the_limit_not_read_to_the_end(
     gateway_model_base_path: Path, gateway_servable: Any
 ) -> None:
@@ -439,7 +399,7 @@ def test_streamed_upload_is_cut_off_at_the_limit_not_read_to_the_end(
     chunks = [head] + [b"\0" * 10_000] * 100  # 1 MB announced by nobody (chunked)
     headers = [(b"content-type", b"multipart/form-data; boundary=" + boundary)]
 
-    status, pulled = _run_asgi(app, chunks, headers)
+    status, pulled = run_asgi(app, chunks, headers)
 
     assert status == 413
     assert pulled <= 7  # 50 kB / 10 kB, plus the head: the other 94 chunks were never read
@@ -457,7 +417,7 @@ def test_declared_content_length_over_the_limit_is_refused_before_reading(
         (b"content-length", b"10000000"),
     ]
 
-    status, pulled = _run_asgi(app, [b"\0" * 10_000] * 3, headers)
+    status, pulled = run_asgi(app, [b"\0" * 10_000] * 3, headers)
 
     assert (status, pulled) == (413, 0)
 

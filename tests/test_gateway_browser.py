@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,26 +58,32 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-@pytest.fixture
-def page(browser: Any, gateway_live_url: str) -> Iterator[Any]:
+@contextmanager
+def offline(browser: Any, origin: str) -> Iterator[Any]:
+    """A page with the network off: only ``origin`` answers; any request leaving it is
+    refused, recorded and fails the test."""
     context = browser.new_context()
     page = context.new_page()
-    # The page must work offline: any request leaving the gateway's origin is refused, recorded
-    # and fails the test.
     foreign: list[str] = []
 
     def only_same_origin(route: Any) -> None:
-        if route.request.url.startswith(gateway_live_url):
+        if route.request.url.startswith(origin):
             route.continue_()
         else:
             foreign.append(route.request.url)
             route.abort()
 
     page.route("**/*", only_same_origin)
-    page.goto(gateway_live_url + "/")
     yield page
     context.close()
-    assert foreign == []
+    assert foreign == []  # nothing was fetched from elsewhere (a CDN, say)
+
+
+@pytest.fixture
+def page(browser: Any, gateway_live_url: str) -> Iterator[Any]:
+    with offline(browser, gateway_live_url) as page:
+        page.goto(gateway_live_url + "/")
+        yield page
 
 
 def _api_top_label(url: str, picture: tuple[str, bytes, str]) -> str:
@@ -152,22 +159,8 @@ def test_bad_files_are_explained_in_words(
 
 @pytest.fixture
 def offline_page(browser: Any, gateway_live_url: str) -> Iterator[Any]:
-    """A page with the network off: only the gateway's own origin answers."""
-    context = browser.new_context()
-    page = context.new_page()
-    foreign: list[str] = []
-
-    def only_same_origin(route: Any) -> None:
-        if route.request.url.startswith(gateway_live_url):
-            route.continue_()
-        else:
-            foreign.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_same_origin)
-    yield page
-    context.close()
-    assert foreign == []  # nothing was fetched from a CDN
+    with offline(browser, gateway_live_url) as page:
+        yield page
 
 
 def test_swagger_ui_renders_the_operations_offline(

@@ -14,7 +14,6 @@ import base64
 import io
 import json
 import socket
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from PIL import Image
 from image_classifier.constants import MODEL_NAME, SERVING_BYTES
 from image_classifier.gateway import GatewaySettings, build_server, create_app
 from image_classifier.gateway.backends import LocalBackend
+from servers import run_asgi, server_in_thread
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -204,47 +204,6 @@ def test_connections_beyond_the_cap_get_503(
 # --- the gateway: what it reads before it refuses ------------------------------------------------
 
 
-def _run_asgi(app: Any, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
-    """Send ``chunks`` as a streamed body; returns (status, chunks the app pulled)."""
-    import anyio
-
-    pulled = 0
-    status: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal pulled
-        if pulled < len(chunks):
-            pulled += 1
-            return {
-                "type": "http.request",
-                "body": chunks[pulled - 1],
-                "more_body": pulled < len(chunks),
-            }
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            status.append(message["status"])
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/predict-image",
-        "raw_path": b"/predict-image",
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 1234),
-        "server": ("testserver", 80),
-        "state": {},
-    }
-    anyio.run(app, scope, receive, send)
-    return status[0], pulled
-
-
 @pytest.fixture
 def local_app(gateway_model_base_path: Path, gateway_servable: Any) -> Callable[..., Any]:
     def make(**overrides: Any) -> Any:
@@ -268,8 +227,8 @@ def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(
         (b"content-length", str(sum(map(len, chunks))).encode()),
     ]
 
-    status, pulled = _run_asgi(app, chunks, headers)
-    keyed, keyed_pulled = _run_asgi(
+    status, pulled = run_asgi(app, chunks, headers)
+    keyed, keyed_pulled = run_asgi(
         app, [head + b"x\r\n--xyz--\r\n"], [*headers[:1], (b"x-api-key", b"s3cret-key")]
     )
 
@@ -333,16 +292,8 @@ def gateway_port(gateway_free_port: Callable[[], int]) -> Iterator[int]:
         body_timeout_s=1,
         log_level="warning",
     )
-    server = build_server(settings)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(timeout=15)
+    with server_in_thread(build_server(settings)):
+        yield port
 
 
 def test_the_gateway_closes_a_connection_whose_headers_trickle(gateway_port: int) -> None:
