@@ -40,7 +40,6 @@ from image_classifier.data import Shard, replica_batch_size
 from image_classifier.train import TF_CONFIG_ENV, TrainConfig, parse_tf_config
 from test_docker import (
     GATEWAY_DOCKERFILE,
-    HADOLINT_CONFIG,
     SERVER_DOCKERFILE,
     build_context,
     comments,
@@ -50,7 +49,7 @@ from test_docker import (
     exec_form,
     fake_http_server,
     final_stage,
-    hadolint_executable,
+    hadolint,
     last,
     model_status,
     parse_dockerfile,
@@ -523,19 +522,7 @@ def test_gateway_probe_paths_are_routes_of_the_gateway() -> None:
 
 @pytest.mark.parametrize("dockerfile", DEPLOY_DOCKERFILES, ids=lambda p: p.name)
 def test_deploy_dockerfiles_pass_hadolint(dockerfile: Path) -> None:
-    result = subprocess.run(
-        [
-            str(hadolint_executable()),
-            "--config",
-            str(HADOLINT_CONFIG),
-            "--no-color",
-            str(dockerfile),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = hadolint(dockerfile)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
