@@ -183,3 +183,19 @@ def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture[s
 
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"image-classifier {__version__}"
+
+
+def test_every_argument_of_every_command_has_help_text() -> None:
+    import argparse
+
+    parser = build_parser()
+    subparsers = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, command in subparsers.choices.items()
+        for action in command._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert missing == []

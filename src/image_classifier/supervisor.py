@@ -12,6 +12,7 @@ dies abruptly, so nothing is left running.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -101,8 +102,13 @@ class ModelServerProcess:
         with self._lock:
             if self._stopping.is_set():
                 return
+            env = dict(os.environ)
+            if self.log_level != "debug":
+                # TensorFlow's C++ INFO banners (oneDNN, CPU features) are noise at start-up.
+                env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
             self.process = subprocess.Popen(
                 self.command,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 preexec_fn=_exit_with_parent if sys.platform == "linux" else None,

@@ -24,7 +24,7 @@ def register(subparsers: SubParsers) -> None:
         help="model base path or one version directory",
     )
     p.add_argument("--data-dir", help="cifar-10-batches-py directory or image folder")
-    p.add_argument("--version", type=int)
+    p.add_argument("--version", type=int, help="version to evaluate (default: the highest)")
     p.add_argument("--confusion-png", help="default: confusion_matrix.png in the version dir")
     p.add_argument(
         "--split",

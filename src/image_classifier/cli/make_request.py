@@ -16,8 +16,14 @@ def register(subparsers: SubParsers) -> None:
         'and write {"instances": [...]} for: curl -X POST '
         "http://localhost:8501/v1/models/image_classifier:predict -d @test_data.json",
     )
-    p.add_argument("image", type=Path)
-    p.add_argument("-o", "--output", type=Path, default=Path("test_data.json"))
+    p.add_argument("image", type=Path, help="the picture (JPEG, PNG, WebP, BMP, GIF or TIFF)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("test_data.json"),
+        help="where the request body goes (default test_data.json)",
+    )
     p.set_defaults(func=run)
 
 

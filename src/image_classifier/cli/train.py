@@ -33,7 +33,11 @@ def register(subparsers: SubParsers) -> None:
         type=Path,
         help='JSON file {"model": {...}, "train": {...}}; command-line flags override it',
     )
-    p.add_argument("--model-base-path", default=DEFAULT_MODEL_BASE_PATH)
+    p.add_argument(
+        "--model-base-path",
+        default=DEFAULT_MODEL_BASE_PATH,
+        help=f"where the new version is written (default {DEFAULT_MODEL_BASE_PATH})",
+    )
     p.add_argument("--version", type=int, help="version number to write (default: next free)")
     p.add_argument("--run-dir", help="where checkpoints and logs go (default runs/<timestamp>)")
     p.add_argument(

@@ -45,6 +45,13 @@ def logging_config(level: str) -> dict[str, Any]:
         "loggers": {
             "uvicorn": {"handlers": ["default"], "level": upper, "propagate": False},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+            # httpx logs every request at INFO, a line per backend status check: noise unless
+            # debugging.
+            "httpx": {
+                "handlers": ["default"],
+                "level": "DEBUG" if upper == "DEBUG" else "WARNING",
+                "propagate": False,
+            },
             "image_classifier": {"handlers": ["default"], "level": upper, "propagate": False},
         },
     }
