@@ -255,3 +255,23 @@ def test_prediction_service_stub_builds_on_the_installed_grpcio() -> None:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         assert callable(stub.Predict)
         assert callable(stub.GetModelMetadata)
+
+
+def test_prometheus_path_follows_tf_servings_monitoring_config(tmp_path: Path) -> None:
+    from image_classifier.errors import ConfigError
+    from image_classifier.tfserving.config import DEFAULT_PROMETHEUS_PATH, prometheus_path
+
+    cases = {
+        "default": ("prometheus_config { enable: true }", DEFAULT_PROMETHEUS_PATH),
+        "custom": ('prometheus_config { enable: true path: "/metrics" }', "/metrics"),
+        "off": ('prometheus_config { enable: false path: "/metrics" }', None),
+    }
+    for name, (text, expected) in cases.items():
+        config = tmp_path / f"{name}.config"
+        config.write_text(text, encoding="utf-8")
+        assert prometheus_path(config) == expected, name
+
+    clash = tmp_path / "clash.config"
+    clash.write_text('prometheus_config { enable: true path: "/v1/metrics" }', encoding="utf-8")
+    with pytest.raises(ConfigError, match="outside /v1/"):
+        prometheus_path(clash)

@@ -63,12 +63,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(
-                f"unknown model config keys: {sorted(unknown)} (known: {sorted(known)})"
-            )
+        check_config_keys(cls, values, "model")
         converted = {
             key: tuple(value) if isinstance(value, list) else value for key, value in values.items()
         }
@@ -76,6 +71,14 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def check_config_keys(config_class: Any, values: dict[str, Any], what: str) -> None:
+    """Refuse keys that are not fields of the config dataclass (a typo would be ignored)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown {what} config keys: {sorted(unknown)} (known: {sorted(known)})")
 
 
 def sequence_length(config: ModelConfig) -> int:

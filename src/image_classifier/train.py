@@ -49,6 +49,7 @@ from image_classifier.errors import ConfigError
 from image_classifier.model import (
     ModelConfig,
     build_model,
+    check_config_keys,
     count_flops,
     receptive_field,
     sequence_length,
@@ -94,12 +95,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(
-                f"unknown train config keys: {sorted(unknown)} (known: {sorted(known)})"
-            )
+        check_config_keys(cls, values, "train")
         return cls(**values)
 
 

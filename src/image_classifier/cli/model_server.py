@@ -14,7 +14,6 @@ from pathlib import Path
 
 from image_classifier.cli._common import SubParsers, flag_bool
 from image_classifier.constants import DEFAULT_HOST, DEFAULT_REST_API_PORT, LOG_LEVELS
-from image_classifier.errors import ConfigError
 from image_classifier.model_server._batching import BatchingOptions
 from image_classifier.model_server._settings import (
     DEFAULT_LOAD_RETRY_INTERVAL_SECONDS,
@@ -212,25 +211,12 @@ def settings_from_args(args: argparse.Namespace) -> ModelServerSettings:
     )
 
 
-# TF Serving's PrometheusExporter::kPrometheusPath, used when the config names no path.
-DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
-
-
 def _prometheus_path(args: argparse.Namespace) -> str | None:
     if args.monitoring_config_file is None:
         return None
-    from image_classifier.tfserving.config import parse_monitoring_config, read_text_proto
+    from image_classifier.tfserving.config import prometheus_path
 
-    config = read_text_proto(args.monitoring_config_file, parse_monitoring_config)
-    if not config.prometheus_config.enable:
-        return None
-    path = str(config.prometheus_config.path or DEFAULT_PROMETHEUS_PATH)
-    if not path.startswith("/") or path.startswith("/v1/"):
-        raise ConfigError(
-            f"{args.monitoring_config_file}: prometheus_config.path {path!r} must start with "
-            "'/' and lie outside /v1/"
-        )
-    return path
+    return prometheus_path(args.monitoring_config_file)
 
 
 def _batching(args: argparse.Namespace) -> BatchingOptions | None:

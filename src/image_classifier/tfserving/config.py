@@ -124,3 +124,20 @@ def validate_batching_parameters(params: Any, source: str = "<batching parameter
             f"{source}: the last allowed_batch_sizes entry must equal {limit_name} ({limit}), "
             f"got {sizes[-1]}"
         )
+
+
+# TF Serving's PrometheusExporter::kPrometheusPath, used when the config names no path.
+DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+
+
+def prometheus_path(path: str | Path) -> str | None:
+    """Where ``--monitoring_config_file`` at ``path`` asks metrics to be served (None: off)."""
+    config = read_text_proto(path, parse_monitoring_config)
+    if not config.prometheus_config.enable:
+        return None
+    served = str(config.prometheus_config.path or DEFAULT_PROMETHEUS_PATH)
+    if not served.startswith("/") or served.startswith("/v1/"):
+        raise ConfigError(
+            f"{path}: prometheus_config.path {served!r} must start with '/' and lie outside /v1/"
+        )
+    return served
