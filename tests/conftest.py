@@ -176,9 +176,6 @@ def gateway_pictures() -> dict[str, tuple[str, bytes, str]]:
 @pytest.fixture(scope="session")
 def gateway_live_url(gateway_model_base_path: Any, gateway_servable: Any) -> Any:
     """Base URL of a gateway (local backend, tiny export) served by uvicorn in a thread."""
-    import threading
-    import time
-
     import uvicorn
 
     from image_classifier.gateway import GatewaySettings, create_app
@@ -196,16 +193,10 @@ def gateway_live_url(gateway_model_base_path: Any, gateway_servable: Any) -> Any
             access_log=False,
         )
     )
-    thread = threading.Thread(target=server.run, name="gateway-live", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the live gateway did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=15)
+    from servers import server_in_thread
+
+    with server_in_thread(server):
+        yield f"http://127.0.0.1:{port}"
 
 
 # --- Model server fixtures (tests/test_model_server.py) ------------------------------------------
