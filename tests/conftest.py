@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import pytest
@@ -174,29 +175,45 @@ def gateway_pictures() -> dict[str, tuple[str, bytes, str]]:
 
 
 @pytest.fixture(scope="session")
-def gateway_live_url(gateway_model_base_path: Any, gateway_servable: Any) -> Any:
-    """Base URL of a gateway (local backend, tiny export) served by uvicorn in a thread."""
+def live_gateway(
+    gateway_model_base_path: Any, gateway_servable: Any
+) -> Callable[..., AbstractContextManager[str]]:
+    """``with live_gateway(**settings) as url``: a gateway (local backend, tiny export) served
+    by uvicorn in a thread, with these GatewaySettings overrides."""
     import uvicorn
 
     from image_classifier.gateway import GatewaySettings, create_app
     from image_classifier.gateway.backends import LocalBackend
 
-    settings = GatewaySettings(backend="local", model_base_path=gateway_model_base_path)
-    backend = LocalBackend(settings, loader=lambda _path: gateway_servable)
-    port = _gateway_free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, backend=backend),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            access_log=False,
+    @contextmanager
+    def start(**overrides: Any) -> Iterator[str]:
+        settings = GatewaySettings(
+            backend="local", model_base_path=gateway_model_base_path, **overrides
         )
-    )
-    from servers import server_in_thread
+        backend = LocalBackend(settings, loader=lambda _path: gateway_servable)
+        port = _gateway_free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings, backend=backend),
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+                access_log=False,
+            )
+        )
+        from servers import server_in_thread
 
-    with server_in_thread(server):
-        yield f"http://127.0.0.1:{port}"
+        with server_in_thread(server):
+            yield f"http://127.0.0.1:{port}"
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def gateway_live_url(live_gateway: Callable[..., AbstractContextManager[str]]) -> Iterator[str]:
+    """Base URL of a gateway with default settings (local backend, tiny export)."""
+    with live_gateway() as url:
+        yield url
 
 
 # --- Model server fixtures (tests/test_model_server.py) ------------------------------------------
@@ -244,6 +261,7 @@ class RunningModelServer:
     base_path: Any
     process: subprocess.Popen[bytes]
     log_path: Any
+    grpc_port: int = 0  # TF Serving's --port: the gRPC API on 127.0.0.1
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -269,7 +287,6 @@ def start_model_server(
     (failing with the server's log if it exits or times out first). Servers still running at
     the end of the session are stopped.
     """
-    import socket
     import time
 
     import httpx
@@ -280,13 +297,15 @@ def start_model_server(
     started: list[RunningModelServer] = []
 
     def start(base: Any, *flags: str, timeout: float = 180.0) -> RunningModelServer:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
+        port = grpc_port = _gateway_free_port()
+        while grpc_port == port:
+            grpc_port = _gateway_free_port()
         log_path = tmp_path_factory.mktemp("model_server_log") / "server.log"
         command = [
             sys.executable, "-m", "image_classifier", "model-server",
             "--rest_api_port", str(port),
+            # A port of its own: servers run side by side, and 8500 may be taken.
+            "--port", str(grpc_port),
             "--model_name", MODEL_NAME,
             "--model_base_path", str(base),
             "--file_system_poll_wait_seconds", "1",
@@ -295,7 +314,9 @@ def start_model_server(
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
         with log_path.open("wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        server = RunningModelServer(f"http://127.0.0.1:{port}", port, base, process, log_path)
+        server = RunningModelServer(
+            f"http://127.0.0.1:{port}", port, base, process, log_path, grpc_port
+        )
         started.append(server)
         deadline = time.monotonic() + timeout
         while True:

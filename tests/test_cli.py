@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from image_classifier.cli import build_parser, main
@@ -65,6 +67,56 @@ def test_make_request_writes_tf_serving_body(tmp_path: Path) -> None:
     instance = body["instances"][0]
     assert len(instance) == 32 and len(instance[0]) == 32 and len(instance[0][0]) == 3
     assert main(["make-request", str(tmp_path / "missing.png"), "-o", str(output)]) == 2
+
+
+def test_make_request_takes_several_pictures_and_writes_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from image_classifier.preprocess import preprocess_image
+
+    pictures = []
+    for i, image in enumerate(synthetic_images([1, 5, 9])):
+        path = tmp_path / f"p{i}.png"
+        path.write_bytes(encode(image, "PNG"))
+        pictures.append(path)
+    names = [str(p) for p in pictures]
+
+    assert main(["make-request", *names, "-o", "-"]) == 0
+    floats = json.loads(capsys.readouterr().out)
+    assert main(["make-request", *names, "-o", "-", "--format", "pixels"]) == 0
+    pixels = json.loads(capsys.readouterr().out)
+    assert main(["make-request", *names, "-o", "-", "--format", "bytes"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+
+    expected = np.stack([preprocess_image(p.read_bytes()) for p in pictures])
+    np.testing.assert_array_equal(np.asarray(floats["instances"], dtype=np.float32), expected)
+    assert pixels["signature_name"] == "serving_pixels"
+    decoded = [
+        np.frombuffer(base64.b64decode(row["b64"]), np.uint8).reshape(32, 32, 3)
+        for row in pixels["instances"]
+    ]
+    # The compact wire carries the very same image: the float path's input is exactly k/255.
+    np.testing.assert_array_equal(np.stack(decoded), np.rint(expected * 255).astype(np.uint8))
+    np.testing.assert_allclose(np.stack(decoded) / 255.0, expected, rtol=0, atol=1e-7)
+    assert raw["signature_name"] == "serving_bytes"
+    assert [base64.b64decode(r["b64"]) for r in raw["instances"]] == [
+        p.read_bytes() for p in pictures
+    ]
+
+
+def test_make_request_with_one_bad_picture_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.png"
+    good.write_bytes(encode(synthetic_images([2])[0], "PNG"))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a picture")
+    output = tmp_path / "out.json"
+
+    assert main(["make-request", str(good), str(bad), "-o", str(output)]) == 2
+    assert not output.exists()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -196,6 +196,52 @@ def test_predict_json_base64_matches_multipart(
     assert results[2]["error"]["code"] == "invalid_base64"
 
 
+def test_predict_json_takes_tf_serving_bodies(
+    client: TestClient, gateway_pictures: Pictures
+) -> None:
+    # What a TF Serving client of the serving_bytes signature already sends, unchanged.
+    pictures = [gateway_pictures["png"], gateway_pictures["jpeg"]]
+    encoded = [base64.b64encode(data).decode() for _, data, _ in pictures]
+    bare = client.post(
+        "/predict",
+        json={"signature_name": "serving_bytes", "instances": [{"b64": e} for e in encoded]},
+    )
+    named = client.post(
+        "/predict", json={"instances": [{"image_bytes": {"b64": e}} for e in encoded]}
+    )
+    b64_images = client.post("/predict", json={"images": [{"b64": e} for e in encoded]})
+    multipart = client.post("/predict-images", files=[("files", p) for p in pictures])
+
+    expected = [r["predictions"] for r in multipart.json()["results"]]
+    for response in (bare, named, b64_images):
+        assert response.status_code == 200, response.text
+        assert [r["predictions"] for r in response.json()["results"]] == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({}, "exactly one of `images`"),
+        ({"images": [{"data": "aGk="}], "instances": [{"b64": "aGk="}]}, "exactly one of"),
+        ({"instances": [{"pixels": {"b64": "aGk="}}]}, "image_bytes"),
+        ({"images": [{"data": "aGk=", "b64": "aGk="}]}, "exactly one of `data` or `b64`"),
+        ({"instances": []}, "at least 1"),
+    ],
+)
+def test_predict_json_explains_a_malformed_body(
+    client: TestClient, body: dict[str, Any], words: str
+) -> None:
+    error = assert_error(client.post("/predict", json=body), 422, "validation_error")
+    assert words in str(error)
+
+
+def test_openapi_shows_both_predict_json_spellings(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["PredictRequest"]
+    examples = schema["examples"]
+    assert any("images" in e for e in examples)
+    assert any("instances" in e for e in examples)
+
+
 def test_classes_lists_labels_in_output_order(client: TestClient) -> None:
     response = client.get("/classes")
 
@@ -623,6 +669,8 @@ def test_metrics_count_requests_latency_backend_and_images(
     )
     assert 'gateway_images_rejected_total{code="not_an_image"} 1.0' in text
     assert re.search(r'gateway_images_classified_total\{label="\w+"\} 1\.0', text)
+    assert "gateway_top1_probability_count 1.0" in text
+    assert 'gateway_top1_probability_bucket{le="1.0"} 1.0' in text
     assert "gateway_http_requests_in_flight" in text
     assert 'route="/predict-image"' not in other_text
 

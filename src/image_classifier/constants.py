@@ -34,6 +34,7 @@ DEFAULT_MODEL_BASE_PATH: Final = "saved_models/image_classifier"
 # Serving's, so its clients' URLs work unchanged.
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_REST_API_PORT: Final = 8501
+DEFAULT_GRPC_PORT: Final = 8500  # TF Serving's --port (PredictionService, ModelService)
 DEFAULT_GATEWAY_PORT: Final = 8000
 DEFAULT_TF_SERVING_URL: Final = f"http://localhost:{DEFAULT_REST_API_PORT}"
 DEFAULT_GATEWAY_URL: Final = f"http://localhost:{DEFAULT_GATEWAY_PORT}"
@@ -59,6 +60,9 @@ BACKENDS: Final[tuple[BackendKind, ...]] = ("tfserving", "local")
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("critical", "error", "warning", "info", "debug")
+# text for people reading a terminal; json (one object per line) for log shippers.
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
 
 # SavedModel signatures: `serving_default` takes floats in [0, 1]; `serving_bytes` takes encoded
 # images (JPEG/PNG/...) so TF Serving REST clients can send `{"b64": ...}` directly.

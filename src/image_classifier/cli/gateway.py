@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from image_classifier.cli._common import SubParsers
-from image_classifier.constants import BACKENDS, LOG_LEVELS
+from image_classifier.cli._common import SubParsers, quiet_tensorflow
+from image_classifier.constants import BACKENDS, LOG_FORMATS, LOG_LEVELS
 
 # Flags that map one-to-one onto GatewaySettings fields.
 _SETTINGS_FLAGS = (
@@ -17,6 +17,7 @@ _SETTINGS_FLAGS = (
     "model_card_path",
     "model_name",
     "log_level",
+    "log_format",
 )
 
 
@@ -48,6 +49,12 @@ def register(subparsers: SubParsers) -> None:
     )
     parser.add_argument("--model-name", help="model name in TF Serving (MODEL_NAME)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="GATEWAY_LOG_LEVEL, default info")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="text, or json: one JSON object per line for log shippers (GATEWAY_LOG_FORMAT, "
+        "default text)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -56,4 +63,6 @@ def run(args: argparse.Namespace) -> int:
     from image_classifier.gateway import load_settings, run_gateway
 
     settings = load_settings(**{name: getattr(args, name) for name in _SETTINGS_FLAGS})
+    if settings.backend == "local":
+        quiet_tensorflow(settings.log_level)
     return run_gateway(settings)

@@ -65,6 +65,13 @@ class GatewayMetrics:
             ["label"],
             registry=r,
         )
+        self.top1_probability = Histogram(
+            "gateway_top1_probability",
+            "Top-1 probability of each classified image: a shift to the left means users send "
+            "pictures the model is unsure of (drift, or a new kind of picture).",
+            buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+            registry=r,
+        )
         self.images_rejected = Counter(
             "gateway_images_rejected",
             "Images refused before reaching the model, by error code.",

@@ -100,15 +100,26 @@ class RequestContextMiddleware:
             self.metrics.observe_request(route, scope["method"], status, elapsed)
             level = logging.DEBUG if route in _QUIET_ROUTES and status < 400 else logging.INFO
             client = scope.get("client")
+            peer = f"{client[0]}:{client[1]}" if client else "-"
+            duration_ms = round(elapsed * 1000, 1)
             access_logger.log(
                 level,
                 '%s "%s %s" %d %.1fms',
-                f"{client[0]}:{client[1]}" if client else "-",
+                peer,
                 scope["method"],
                 scope["path"],
                 status,
-                elapsed * 1000,
-                extra={"request_id": request_id},
+                duration_ms,
+                # Structured twins of the message's fields, for the JSON log format.
+                extra={
+                    "request_id": request_id,
+                    "client": peer,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": duration_ms,
+                },
             )
             reset_request_id(token)
 

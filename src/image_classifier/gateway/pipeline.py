@@ -171,4 +171,5 @@ class Pipeline:
             predictions = top_k(prediction.probabilities[row], names, k)
             items[index].predictions = predictions
             self.metrics.images_classified.labels(predictions[0].label).inc()
+            self.metrics.top1_probability.observe(predictions[0].probability)
         return BatchOutcome(items, prediction.model_version)

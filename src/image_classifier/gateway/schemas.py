@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from image_classifier.constants import (
+    BYTES_INPUT_KEY,
     IMAGE_SIZE,
     INPUT_KEY,
     MAX_TOP_K,
     OUTPUT_KEY,
+    SERVING_BYTES,
     SERVING_DEFAULT,
     BackendKind,
 )
@@ -69,19 +71,91 @@ class PredictImagesResponse(BaseModel):
 
 
 class Base64Image(BaseModel):
+    """One image of ``images``: its encoded file as ``data`` (or ``b64``, TF Serving's word)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(description="The encoded image file (JPEG, PNG, ...), standard base64.")
+    data: str | None = Field(
+        None, description="The encoded image file (JPEG, PNG, ...), standard base64."
+    )
+    b64: str | None = Field(None, description="Same as `data`, spelled as TF Serving spells it.")
     filename: str | None = Field(None, max_length=255)
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> Base64Image:
+        if (self.data is None) == (self.b64 is None):
+            raise ValueError("give the image as exactly one of `data` or `b64`")
+        return self
+
+    @property
+    def payload(self) -> str:
+        return self.data if self.data is not None else self.b64 or ""
+
+
+class B64Value(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    b64: str = Field(description="The encoded image file, standard base64.")
+
+
+# What a TF Serving REST client sends the `serving_bytes` signature, row form: a bare
+# {"b64": ...} (one input) or the input named, {"image_bytes": {"b64": ...}}.
+TFServingInstance = B64Value | dict[str, B64Value]
 
 
 class PredictRequest(BaseModel):
-    """JSON twin of ``POST /predict-images`` for clients that cannot send multipart."""
+    """JSON twin of ``POST /predict-images`` for clients that cannot send multipart.
 
-    model_config = ConfigDict(extra="forbid")
+    Two spellings: the gateway's own ``{"images": [{"data": ...}]}``, and the TF Serving REST
+    body a client of the ``serving_bytes`` signature already sends,
+    ``{"instances": [{"b64": ...}]}``, so switching such a client to the gateway changes only
+    its URL.
+    """
 
-    images: list[Base64Image] = Field(min_length=1)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"images": [{"data": "/9j/4AAQSkZJRg...", "filename": "cat.jpg"}], "top_k": 3},
+                {"instances": [{"b64": "/9j/4AAQSkZJRg..."}]},
+            ]
+        },
+    )
+
+    images: list[Base64Image] | None = Field(None, min_length=1)
+    instances: list[TFServingInstance] | None = Field(
+        None,
+        min_length=1,
+        description=f"TF Serving's row form for the `{SERVING_BYTES}` signature: "
+        f'`{{"b64": ...}}` or `{{"{BYTES_INPUT_KEY}": {{"b64": ...}}}}` per image.',
+    )
+    signature_name: str | None = Field(
+        None,
+        description="Accepted so TF Serving request bodies work unchanged; the gateway always "
+        "decodes the images itself and calls the model's pixel signature.",
+    )
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K)
+
+    @model_validator(mode="after")
+    def _one_list(self) -> PredictRequest:
+        if (self.images is None) == (self.instances is None):
+            raise ValueError("send exactly one of `images` (the gateway's form) or `instances`")
+        for row in self.instances or []:
+            if isinstance(row, dict) and list(row) != [BYTES_INPUT_KEY]:
+                raise ValueError(
+                    f'each instance is {{"b64": ...}} or {{"{BYTES_INPUT_KEY}": {{"b64": ...}}}}'
+                    f"; got the keys {sorted(row)}"
+                )
+        return self
+
+    def encoded_images(self) -> list[tuple[str | None, str]]:
+        """(filename, base64 text) per image, in request order, whichever spelling was sent."""
+        if self.images is not None:
+            return [(image.filename, image.payload) for image in self.images]
+        rows = self.instances or []
+        return [
+            (None, (row if isinstance(row, B64Value) else row[BYTES_INPUT_KEY]).b64) for row in rows
+        ]
 
 
 # --- model and classes ----------------------------------------------------------------------
@@ -140,6 +214,11 @@ class ModelInfo(BaseModel):
         "GATEWAY_MODEL_CARD_PATH points at the served export.",
     )
     card_source: str | None = Field(None, description="Where the card was read.")
+    low_confidence_threshold: float = Field(
+        description="A top-1 probability below this means the model is not sure (the web page "
+        "says so and shows the runners-up): GATEWAY_LOW_CONFIDENCE_THRESHOLD, else the card's "
+        "calibrated low_confidence_threshold, else 0.5."
+    )
 
 
 # --- health ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 import uvicorn
 
+from image_classifier.constants import LogFormat
 from image_classifier.gateway.app import create_app
 from image_classifier.gateway.context import REQUEST_ID_HEADER, accept_or_make_request_id
 from image_classifier.gateway.settings import GatewaySettings
@@ -22,7 +23,22 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s"
 PLAIN_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s %(message)s"
 
 
-def logging_config(level: str) -> dict[str, Any]:
+# JSON lines carry these standard fields; the access log adds its own (method, path, status,
+# duration_ms, client) as structured fields, not text to parse.
+JSON_LOG_FIELDS = "%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s"
+
+
+def _formatter(log_format: LogFormat) -> dict[str, Any]:
+    if log_format == "json":
+        return {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": JSON_LOG_FIELDS,
+            "rename_fields": {"levelname": "level", "name": "logger", "asctime": "time"},
+        }
+    return {"format": LOG_FORMAT}
+
+
+def logging_config(level: str, log_format: LogFormat = "text") -> dict[str, Any]:
     """uvicorn's logging replaced by one format that carries the request id.
 
     uvicorn's own access log is off: the gateway's middleware writes one line per request with
@@ -33,7 +49,7 @@ def logging_config(level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"request_id": {"()": "image_classifier.gateway.context.RequestIdLogFilter"}},
-        "formatters": {"default": {"format": LOG_FORMAT}},
+        "formatters": {"default": _formatter(log_format)},
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",
@@ -91,7 +107,7 @@ def build_server(
             settings.header_timeout_s, settings.body_timeout_s, settings.max_connections
         ),
         bad_request=_bad_request,
-        log_config=logging_config(settings.log_level),
+        log_config=logging_config(settings.log_level, settings.log_format),
         log_level=settings.log_level,
         access_log=False,
         # In-flight predictions get this long to finish on Ctrl-C / SIGTERM.

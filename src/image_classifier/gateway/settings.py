@@ -30,6 +30,7 @@ from image_classifier.constants import (
     MAX_TOP_K,
     MODEL_NAME,
     BackendKind,
+    LogFormat,
     LogLevel,
 )
 from image_classifier.errors import ConfigError, ModelNotFoundError
@@ -37,6 +38,10 @@ from image_classifier.preprocess import MAX_PIXELS
 
 ENV_PREFIX = "GATEWAY_"
 MiB = 1024 * 1024
+
+# Without a calibrated figure from the model card: below an even chance the top class is more
+# likely wrong than right.
+DEFAULT_LOW_CONFIDENCE_THRESHOLD = 0.5
 
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -76,6 +81,16 @@ class GatewaySettings(BaseSettings):
     model_base_path: Path = Field(
         Path(DEFAULT_MODEL_BASE_PATH),
         description="Export base path (or one version directory) loaded by the local backend.",
+    )
+    model_version_label: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "model_version_label", "GATEWAY_MODEL_VERSION_LABEL", "MODEL_VERSION_LABEL"
+        ),
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="tfserving backend: predict with the version this label of the model "
+        "server's --model_config_file names (/v1/models/<name>/labels/<label>:predict); unset: "
+        "the highest available version.",
     )
     model_card_path: Path | None = Field(
         None,
@@ -151,6 +166,17 @@ class GatewaySettings(BaseSettings):
     host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_GATEWAY_PORT, ge=1, le=65535)
     log_level: LogLevel = "info"
+    log_format: LogFormat = Field(
+        "text", description="text: one readable line per event; json: one JSON object per line."
+    )
+    low_confidence_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="A top-1 probability below this is shown as 'not sure' (web page, /model). "
+        "Unset: the served model card's low_confidence_threshold, else "
+        f"{DEFAULT_LOW_CONFIDENCE_THRESHOLD}.",
+    )
 
     @field_validator("tf_serving_url")
     @classmethod

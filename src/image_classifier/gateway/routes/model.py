@@ -11,7 +11,7 @@ from image_classifier.gateway.deps import BackendDep, SettingsDep, require_api_k
 from image_classifier.gateway.errors import BackendError
 from image_classifier.gateway.handlers import error_responses
 from image_classifier.gateway.schemas import InputContract, ModelInfo
-from image_classifier.gateway.settings import GatewaySettings
+from image_classifier.gateway.settings import DEFAULT_LOW_CONFIDENCE_THRESHOLD, GatewaySettings
 from image_classifier.preprocess import SUPPORTED_FORMATS
 
 router = APIRouter(tags=["model"], dependencies=[Depends(require_api_key)])
@@ -60,7 +60,26 @@ async def model_info(backend: BackendDep, settings: SettingsDep) -> ModelInfo:
         signatures=signatures,
         card=card.content if card else None,
         card_source=card.source if card else None,
+        low_confidence_threshold=low_confidence_threshold(settings, card.content if card else None),
     )
+
+
+def low_confidence_threshold(settings: GatewaySettings, card: dict[str, Any] | None) -> float:
+    """The operator's setting, else the export's calibrated figure, else an even chance."""
+    if settings.low_confidence_threshold is not None:
+        return settings.low_confidence_threshold
+    figure = _card_threshold(card or {})
+    return figure if figure is not None else DEFAULT_LOW_CONFIDENCE_THRESHOLD
+
+
+def _card_threshold(card: dict[str, Any]) -> float | None:
+    # Cards name it at the top level or inside their calibration record.
+    calibration = card.get("calibration")
+    for source in (card, calibration if isinstance(calibration, dict) else {}):
+        value = source.get("low_confidence_threshold")
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1:
+            return float(value)
+    return None
 
 
 async def _signatures(backend: Backend, version: str) -> dict[str, Any] | None:

@@ -122,8 +122,9 @@ async def predict_images(
     dependencies=[Depends(require_json)],
     summary="Classify base64-encoded images sent as JSON",
     description="For clients that cannot send multipart. Same answer as /predict-images. "
-    "`data` is standard base64 of the image file; a `data:image/...;base64,` prefix is "
-    "accepted.",
+    'Either the gateway\'s `{"images": [{"data": ...}]}` or a TF Serving REST body '
+    '`{"instances": [{"b64": ...}]}`; the base64 is standard base64 of the image file '
+    "(a `data:image/...;base64,` prefix is accepted).",
 )
 async def predict_json(
     body: PredictRequest,
@@ -131,8 +132,9 @@ async def predict_json(
     backend: BackendDep,
     settings: SettingsDep,
 ) -> PredictImagesResponse:
-    _check_count(len(body.images), settings.max_images_per_request)
-    uploads = [_decode_base64(image.filename, image.data) for image in body.images]
+    encoded = body.encoded_images()
+    _check_count(len(encoded), settings.max_images_per_request)
+    uploads = [_decode_base64(filename, text) for filename, text in encoded]
     outcome = await pipeline.classify(uploads, body.top_k or settings.default_top_k)
     return PredictImagesResponse(
         results=[item.to_result() for item in outcome.items],

@@ -1,0 +1,158 @@
+"""README's commands, run as a new user would: every command that uses a shipped picture in
+``examples/`` runs in bash against ``image-classifier serve`` with the shipped model, on free
+ports, and must answer with predictions (the cat picture as a cat)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+EXAMPLES = ROOT / "examples"
+SHIPPED = ROOT / "saved_models" / "image_classifier"
+
+
+def bash_commands(markdown: str) -> list[str]:
+    """The commands of every ```bash block, with ``\\`` continuations and ``|`` pipelines joined
+    into one command each; comments dropped."""
+    commands: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.DOTALL):
+        current = ""
+        for raw in block.splitlines():
+            line = raw.split("  #", 1)[0].rstrip() if not raw.lstrip().startswith("#") else ""
+            if not line and not current:
+                continue
+            current += line.strip() + " " if line.endswith(("\\", "|")) else line.strip()
+            if line.endswith("\\"):
+                current = current[: current.rstrip().rfind("\\")]
+                continue
+            if line.endswith("|"):
+                continue
+            if current:
+                commands.append(current.strip())
+            current = ""
+    return commands
+
+
+def example_commands() -> list[str]:
+    return [c for c in bash_commands(README.read_text(encoding="utf-8")) if "examples/" in c]
+
+
+def test_the_examples_are_small_redistributable_pictures() -> None:
+    listed = (EXAMPLES / "README.md").read_text(encoding="utf-8")
+    pictures = sorted(p for p in EXAMPLES.iterdir() if p.suffix in {".jpg", ".png"})
+    assert len(pictures) >= 4
+    for picture in pictures:
+        assert picture.stat().st_size < 16_000, picture  # a few KB each
+        assert f"`{picture.name}`" in listed  # each with its source and licence
+        with Image.open(picture) as image:
+            image.verify()
+
+
+def test_readme_commands_name_only_shipped_pictures() -> None:
+    commands = example_commands()
+    assert len(commands) >= 8
+    readme = README.read_text(encoding="utf-8")
+    for name in re.findall(r"examples/([\w.*-]+\.(?:jpg|png))", readme):
+        assert list(EXAMPLES.glob(name)), f"README names examples/{name}, which is not shipped"
+    # Nothing in a command block points at a picture that does not exist (cat.jpg of old).
+    assert not re.search(r"[@ ]cat\.jpg", "\n".join(bash_commands(readme)))
+
+
+@pytest.fixture(scope="module")
+def serving(gateway_free_port: Callable[[], int]) -> Iterator[dict[str, str]]:
+    """``image-classifier serve`` with the shipped model; the URLs README's commands use."""
+    port, model_port = gateway_free_port(), gateway_free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "image_classifier",
+            "serve",
+            "--port",
+            str(port),
+            "--model-port",
+            str(model_port),
+            "--model-base-path",
+            str(SHIPPED),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    output: list[str] = []
+    assert process.stdout is not None
+    stream = process.stdout
+    threading.Thread(target=lambda: output.extend(stream), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        while "Press Ctrl-C" not in "".join(output):
+            assert process.poll() is None, "".join(output)
+            assert time.monotonic() < deadline, "".join(output)
+            time.sleep(0.1)
+        yield {"gateway": str(port), "model": str(model_port)}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", example_commands())
+def test_readme_command_works(command: str, serving: dict[str, str], tmp_path: Path) -> None:
+    # The commands as printed, on this run's ports; run from a scratch directory that has the
+    # examples (make-request writes test_data.json where it runs).
+    runnable = (
+        command.replace("127.0.0.1:8000", f"127.0.0.1:{serving['gateway']}")
+        .replace("localhost:8000", f"localhost:{serving['gateway']}")
+        .replace("localhost:8501", f"localhost:{serving['model']}")
+    )
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "GATEWAY_URL": f"http://localhost:{serving['gateway']}",
+    }
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", runnable.replace("curl ", "curl -sS --fail-with-body ")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, f"{runnable}\n{result.stdout}\n{result.stderr}"
+    out = result.stdout
+    if "make-request" in command and " -o test_data.json" in command:
+        assert "wrote test_data.json" in out
+        return
+    if "image-classifier predict" in command:
+        assert re.search(r"\bcat\b", out), out  # the cat picture is classified as a cat
+        return
+    body = json.loads(out)
+    if command.endswith("/predict-image"):
+        assert body["predictions"][0]["label"] == "cat"
+    elif command.endswith(("/predict-images", "/predict")):
+        assert body["results"] and all(r["predictions"] for r in body["results"]), body
+    else:
+        assert ":predict" in command, command
+        predictions = body["predictions"]
+        assert predictions and all(len(row) == 10 for row in predictions)
+        assert all(abs(sum(row) - 1) < 1e-4 for row in predictions)
