@@ -14,8 +14,8 @@ if [ ! -x /usr/bin/chromium ]; then
     >/dev/null || echo "warning: could not install chromium; the browser test will fail" >&2
 fi
 
-.venv/bin/ruff check src tests benchmarks
-.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks scripts
+.venv/bin/ruff format --check src tests benchmarks scripts
 # Strict type checking of the package (settings in pyproject.toml, [tool.mypy]).
 .venv/bin/mypy
 # Every test must run here: a skip (missing browser, TensorFlow, dataset) counts as a failure.

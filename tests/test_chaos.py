@@ -44,6 +44,7 @@ class ModelServer:
     base: Path
     port: int
     log: Path
+    grpc_port: int = 0
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
@@ -51,6 +52,7 @@ class ModelServer:
         command = [
             sys.executable, "-m", "image_classifier", "model-server",
             "--rest_api_port", str(self.port),
+            "--port", str(self.grpc_port),
             "--model_base_path", str(self.base),
             "--file_system_poll_wait_seconds", "0",
         ]  # fmt: skip
@@ -141,7 +143,9 @@ def stack(
 ) -> Iterator[tuple[ModelServer, str]]:
     base = tmp_path / MODEL_NAME
     tiny_export(base, version=1)
-    model = ModelServer(base, gateway_free_port(), tmp_path / "model_server.log")
+    model = ModelServer(
+        base, gateway_free_port(), tmp_path / "model_server.log", gateway_free_port()
+    )
     model.start()
     settings = GatewaySettings(
         port=gateway_free_port(),

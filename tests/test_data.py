@@ -11,13 +11,14 @@ import pytest
 from image_classifier.constants import CIFAR10_CLASSES
 from image_classifier.data import (
     Dataset,
+    JpegAugment,
     channel_stats,
     load_cifar10,
     load_image_folder,
     load_splits,
     stratified_split,
 )
-from image_classifier.errors import DatasetError
+from image_classifier.errors import ConfigError, DatasetError
 from image_classifier.preprocess import preprocess_image
 from synthetic import synthetic_images, write_cifar_batches, write_image_folder
 
@@ -147,6 +148,43 @@ def test_tf_pipeline_augments_only_in_training() -> None:
     np.testing.assert_array_equal(first, again)  # the seed makes augmentation reproducible
     assert not np.allclose(first, images)  # shuffled and augmented
     assert tf.reduce_all(tf.shape(first) == (80, 32, 32, 3))
+
+
+def _first_training_batch(data: Dataset, jpeg: JpegAugment | None) -> np.ndarray:
+    """The first augmented batch as uint8 (the pipeline's floats are exactly k / 255)."""
+    from image_classifier.data import make_tf_dataset
+
+    batches = make_tf_dataset(data, batch_size=80, training=True, seed=5, jpeg=jpeg)
+    return np.round(next(iter(batches))[0].numpy() * 255).astype(np.uint8)
+
+
+def test_jpeg_augmentation_re_encodes_in_the_parallel_pipeline() -> None:
+    tf = pytest.importorskip("tensorflow", reason="the input pipeline is TensorFlow")
+    data = _dataset((40, 40))
+    data.images[:] = synthetic_images(data.labels)
+    plain = _first_training_batch(data, None)
+    # Probability 0 is the pipeline without JPEG: crops and flips keep their own seeds.
+    np.testing.assert_array_equal(_first_training_batch(data, JpegAugment(0.0)), plain)
+
+    # Always, at quality 30: each image is the plain one through TensorFlow's JPEG codec.
+    coded = _first_training_batch(data, JpegAugment(1.0, 30, 30))
+    expected = np.stack([tf.image.adjust_jpeg_quality(image, 30).numpy() for image in plain])
+    np.testing.assert_array_equal(coded, expected)
+    assert not np.array_equal(coded, plain)
+
+    # Half the time, at random qualities: some images change, some do not, reproducibly.
+    sometimes = _first_training_batch(data, JpegAugment(0.5, 50, 95))
+    changed = np.mean([not np.array_equal(a, b) for a, b in zip(sometimes, plain, strict=True)])
+    assert 0.25 < changed < 0.75
+    np.testing.assert_array_equal(_first_training_batch(data, JpegAugment(0.5, 50, 95)), sometimes)
+
+
+@pytest.mark.parametrize(
+    ("probability", "low", "high"), [(-0.1, 50, 95), (1.5, 50, 95), (0.5, 0, 95), (0.5, 90, 80)]
+)
+def test_jpeg_augmentation_settings_are_checked(probability: float, low: int, high: int) -> None:
+    with pytest.raises(ConfigError, match="JPEG"):
+        JpegAugment(probability, low, high)
 
 
 def test_download_fallback_says_what_to_do_offline(monkeypatch: pytest.MonkeyPatch) -> None:

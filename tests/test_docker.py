@@ -35,6 +35,7 @@ from image_classifier.constants import (
     NUM_CLASSES,
     OUTPUT_KEY,
     SERVING_DEFAULT,
+    WARMUP_FILE,
 )
 from image_classifier.tfserving.config import (
     ConfigError,
@@ -352,7 +353,8 @@ def needed_in_context() -> list[str]:
         f"{DEFAULT_MODEL_BASE_PATH}/1/saved_model.pb",
         f"{DEFAULT_MODEL_BASE_PATH}/1/variables/variables.index",
         f"{DEFAULT_MODEL_BASE_PATH}/1/assets/class_names.txt",
-        f"{DEFAULT_MODEL_BASE_PATH}/2/assets.extra/tf_serving_warmup_requests",
+        # The newest shipped version is the one served: its warmup file must reach the image.
+        *(f"{DEFAULT_MODEL_BASE_PATH}/{v.name}/{WARMUP_FILE}" for v in model_versions()[-1:]),
         "src/image_classifier/__init__.py",
         "docker/tf_serving/batching.config",
         "docker/tf_serving/monitoring.config",
@@ -821,7 +823,6 @@ def test_model_directory_holds_a_servable_version() -> None:
 
 
 def test_the_served_model_carries_the_warmup_file_tf_serving_replays() -> None:
-    from image_classifier.constants import WARMUP_FILE
 
     versions = model_versions()
     assert versions, MISSING_MODEL

@@ -350,16 +350,17 @@ def test_embedded_overlay_swaps_only_the_model_server() -> None:
     tf_serving, embedded = build("k8s/overlays/tf-serving"), build("k8s/overlays/embedded")
     server = container(one(embedded, "Deployment", "model-server"))
     assert server["image"].split(":")[0] == "image_classifier_model_server"
-    assert [p["name"] for p in server["ports"]] == ["rest"]  # no gRPC
-    service = one(embedded, "Service", "model-server")
-    assert [p["name"] for p in service["spec"]["ports"]] == ["rest"]
-    # Everything else is the TF Serving stack's: the gateway, the probes, the autoscalers...
+    # Everything else is the TF Serving stack's: the ports (gRPC and REST), the gateway, the
+    # probes, the autoscalers...
     original = container(one(tf_serving, "Deployment", "model-server"))
-    for key in ("readinessProbe", "livenessProbe", "startupProbe", "resources", "volumeMounts"):
+    keys = ("ports", "readinessProbe", "livenessProbe", "startupProbe", "resources", "volumeMounts")
+    for key in keys:
         assert server[key] == original[key], key
+    assert [p["name"] for p in server["ports"]] == ["grpc", "rest"]
     for kind, name in [
         ("Deployment", "gateway"),
         ("Service", "gateway"),
+        ("Service", "model-server"),
         ("HorizontalPodAutoscaler", "model-server"),
         ("PodDisruptionBudget", "model-server"),
     ]:
@@ -464,7 +465,8 @@ def test_embedded_deployment_matches_its_dockerfile_and_the_cli() -> None:
     args = parse_cli([*entrypoint[1:], *server["args"]])
     assert args.host == "0.0.0.0"
     assert args.rest_api_port == port_number(server["ports"], "rest")
-    assert exposed(EMBEDDED_DOCKERFILE) == {args.rest_api_port}
+    assert args.port == port_number(server["ports"], "grpc")
+    assert exposed(EMBEDDED_DOCKERFILE) == {args.port, args.rest_api_port}
     assert args.model_name == env_vars(stage)["MODEL_NAME"] == MODEL_NAME
     model_copy = [c for c in copies(EMBEDDED_DOCKERFILE) if c.dest == str(args.model_base_path)]
     assert [c.sources for c in model_copy] == [("saved_models/image_classifier",)]

@@ -84,6 +84,8 @@ def serving(gateway_free_port: Callable[[], int]) -> Iterator[dict[str, str]]:
             str(port),
             "--model-port",
             str(model_port),
+            "--model-grpc-port",
+            str(gateway_free_port()),
             "--model-base-path",
             str(SHIPPED),
             "--log-level",
@@ -156,3 +158,30 @@ def test_readme_command_works(command: str, serving: dict[str, str], tmp_path: P
         predictions = body["predictions"]
         assert predictions and all(len(row) == 10 for row in predictions)
         assert all(abs(sum(row) - 1) < 1e-4 for row in predictions)
+
+
+def test_readme_model_figures_are_the_shipped_card() -> None:
+    from image_classifier.model_card import figures_markdown, replace_block
+    from image_classifier.servable import resolve_version_dir
+
+    shipped = resolve_version_dir(SHIPPED)
+    readme = README.read_text(encoding="utf-8")
+    block = figures_markdown(shipped)
+    # One figure everywhere: README's block is the card (run scripts/sync_readme.py if not).
+    assert replace_block(readme, block) == readme
+    card = json.loads((shipped / "metadata.json").read_text(encoding="utf-8"))
+    evaluation = json.loads((shipped / "evaluation_validation.json").read_text(encoding="utf-8"))
+    assert card["metrics"]["validation_accuracy"] == evaluation["accuracy"]
+    assert f"**{card['metrics']['validation_accuracy'] * 100:.2f}%**" in block
+
+
+def test_a_stale_readme_block_is_caught(tmp_path: Path) -> None:
+    from image_classifier.model_card import BEGIN, END, figures_markdown, replace_block
+    from image_classifier.servable import resolve_version_dir
+
+    block = figures_markdown(resolve_version_dir(SHIPPED))
+    stale = f"intro\n{BEGIN}\n| accuracy | 12.34% |\n{END}\noutro\n"
+    assert replace_block(stale, block) != stale
+    assert replace_block(stale, block) == f"intro\n{block}\noutro\n"
+    with pytest.raises(ValueError, match="no generated block"):
+        replace_block("no markers here", block)

@@ -1,4 +1,5 @@
-"""The model the repository ships: present, small, loadable, and as accurate as its card says."""
+"""The model the repository ships: present, small, loadable, calibrated, and as accurate as its
+card says."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from image_classifier.constants import (
     SERVING_PIXELS,
     WARMUP_FILE,
 )
+from image_classifier.evaluate import RELIABILITY_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "saved_models" / "image_classifier"
@@ -30,7 +32,7 @@ CIFAR_DIR = ROOT.parent / "shared" / "datasets" / "cifar-10-batches-py"
 
 def test_shipped_version_is_complete_and_small() -> None:
     assert (SHIPPED / "saved_model.pb").is_file()
-    for name in (METADATA_FILE, HISTORY_FILE, CURVES_FILE, CONFUSION_FILE):
+    for name in (METADATA_FILE, HISTORY_FILE, CURVES_FILE, CONFUSION_FILE, RELIABILITY_FILE):
         assert (SHIPPED / name).is_file(), name
     total = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
     assert total < 8 * 1024 * 1024, f"shipped model is {total / 1e6:.1f} MB"
@@ -45,6 +47,23 @@ def test_model_card_records_what_the_readme_reports() -> None:
     assert card["training"]["hardware"]["gpus"] == 0
     assert card["data"]["validation_images"] == 5000
     assert card["metrics"]["validation_accuracy"] >= 0.85
+
+
+def test_the_shipped_version_is_calibrated_and_says_how() -> None:
+    card = json.loads((SHIPPED / METADATA_FILE).read_text())
+    calibration = card["calibration"]
+    assert card["temperature"] == calibration["temperature"] > 0
+    assert calibration["ece_bins"] == 15
+    assert calibration["ece_after"] < calibration["ece_before"] / 2
+    assert 0.0 < calibration["low_confidence_threshold"] < 1.0
+    assert "less than half" in calibration["low_confidence_rule"]
+    # One accuracy figure: the evaluation of the served version is the card's.
+    evaluation = json.loads((SHIPPED / "evaluation_validation.json").read_text())
+    assert evaluation["model_version"] == int(SHIPPED.name)
+    assert evaluation["accuracy"] == card["metrics"]["validation_accuracy"]
+    assert evaluation["calibration"]["ece"] == pytest.approx(calibration["ece_after"], abs=1e-4)
+    jpeg = evaluation["jpeg_accuracy"]
+    assert evaluation["accuracy"] >= jpeg["q90"] >= jpeg["q75"] >= jpeg["q50"] > 0.5
 
 
 @pytest.mark.slow
@@ -64,7 +83,12 @@ def test_validation_accuracy_through_the_serving_signature() -> None:
     report = evaluate_servable(servable, splits.validation, split="validation")
     recorded = json.loads((SHIPPED / "evaluation_validation.json").read_text())
     assert report.accuracy == pytest.approx(recorded["accuracy"], abs=1e-3)
+    assert report.accuracy == pytest.approx(servable.metadata["metrics"]["validation_accuracy"])
     assert report.accuracy >= 0.85
+    assert report.reliability is not None
+    assert report.reliability.ece == pytest.approx(
+        servable.metadata["calibration"]["ece_after"], abs=1e-3
+    )
 
 
 def test_the_shipped_version_speaks_the_compact_wire_and_has_warmup_data() -> None:
@@ -81,14 +105,26 @@ def test_the_shipped_version_speaks_the_compact_wire_and_has_warmup_data() -> No
 
 
 @pytest.mark.slow
-def test_every_shipped_version_answers_as_the_first() -> None:
-    # Later versions are re-exports (new signatures, the same weights): identical answers.
+def test_every_shipped_version_serves_the_first_versions_weights() -> None:
+    # Later versions are re-exports (new signatures, calibration; the same weights): the
+    # uncalibrated ones answer exactly as the first, the calibrated ones softmax(logits / T) of
+    # the first version's weights.
+    from image_classifier.calibration import softmax
+    from image_classifier.export import read_weights, serving_logits
+    from image_classifier.model import ModelConfig, build_model
     from image_classifier.servable import list_versions, load_servable
 
     images = np.random.default_rng(3).random((16, 32, 32, 3), dtype=np.float32)
     versions = list_versions(BASE)
-    first = load_servable(BASE, versions[0]).predict(images)
+    first = load_servable(BASE, versions[0])
+    model = build_model(ModelConfig.from_dict(first.metadata["model_config"]))
+    read_weights(model, first.path)
+    logits = np.asarray(serving_logits(model, images, flip_tta=True))
+    calibrated = 0
     for version in versions[1:]:
-        np.testing.assert_allclose(
-            load_servable(BASE, version).predict(images), first, rtol=0, atol=1e-6
-        )
+        servable = load_servable(BASE, version)
+        temperature = servable.metadata.get("temperature")
+        expected = first.predict(images) if temperature is None else softmax(logits, temperature)
+        np.testing.assert_allclose(servable.predict(images), expected, rtol=0, atol=1e-6)
+        calibrated += temperature is not None
+    assert calibrated >= 1

@@ -1,4 +1,5 @@
-"""End to end: a tiny training run exports a servable version that matches the Keras model."""
+"""End to end: a tiny training run exports a calibrated servable version that matches the Keras
+model; re-exports, calibration and evaluation through the SavedModel's signatures."""
 
 from __future__ import annotations
 
@@ -13,21 +14,33 @@ from synthetic import encode, synthetic_images, write_cifar_batches
 tf = pytest.importorskip("tensorflow", reason="training needs TensorFlow")
 keras = pytest.importorskip("keras")
 
+from image_classifier.calibration import softmax  # noqa: E402
 from image_classifier.constants import (  # noqa: E402
     CIFAR10_CLASSES,
     CLASS_NAMES_ASSET,
+    CONFUSION_FILE,
     CURVES_FILE,
     HISTORY_FILE,
     METADATA_FILE,
+    OUTPUT_KEY,
+    PIXELS_INPUT_KEY,
     SERVING_BYTES,
     SERVING_DEFAULT,
+    SERVING_PIXELS,
 )
 from image_classifier.data import load_splits  # noqa: E402
 from image_classifier.errors import ExportError  # noqa: E402
-from image_classifier.evaluate import evaluate  # noqa: E402
-from image_classifier.export import TMP_PREFIX, export_model  # noqa: E402
+from image_classifier.evaluate import RELIABILITY_FILE, evaluate  # noqa: E402
+from image_classifier.export import (  # noqa: E402
+    TMP_PREFIX,
+    calibrated_answers_check,
+    export_model,
+    read_weights,
+    reexport,
+    serving_logits,
+)
 from image_classifier.model import ModelConfig, build_model  # noqa: E402
-from image_classifier.preprocess import preprocess_image  # noqa: E402
+from image_classifier.preprocess import normalize, preprocess_image  # noqa: E402
 from image_classifier.servable import list_versions, load_servable  # noqa: E402
 from image_classifier.train import TrainConfig, TrainResult, train  # noqa: E402
 
@@ -66,6 +79,10 @@ def test_export_layout_is_what_tf_serving_loads(trained: TrainResult) -> None:
     assert card["architecture"]["parameters"] > 0
     assert card["architecture"]["receptive_field"] >= card["architecture"]["sequence_length"]
     assert 0.0 <= card["metrics"]["validation_accuracy"] <= 1.0
+    # Calibrated at the end of training: the graph's temperature is the card's.
+    assert card["temperature"] > 0
+    assert card["calibration"]["temperature"] == card["temperature"]
+    assert 0.0 <= card["calibration"]["low_confidence_threshold"] <= 1.0
 
     assert card["training"]["training_seconds"] > 0
     assert card["training"]["hardware"]["cores"] >= 1
@@ -115,6 +132,34 @@ def test_reloaded_export_matches_in_memory_model(tmp_path: Path) -> None:
         np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_every_signature_serves_softmax_of_the_averaged_logits_over_t(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(7)
+    model = build_model(TINY_MODEL)
+    pixels = synthetic_images(np.arange(10), seed=4)
+    images = normalize(pixels)
+    temperature = 0.05  # far from 1, so a signature that ignored it would fail
+    logits = serving_logits(model, images, flip_tta=True).numpy()
+    expected = softmax(logits, temperature)
+    assert np.abs(expected - softmax(logits)).max() > 0.01
+    export_model(
+        model,
+        TINY_MODEL,
+        tmp_path,
+        class_names=CIFAR10_CLASSES,
+        metadata={},
+        flip_tta=True,
+        temperature=temperature,
+    )
+    servable = load_servable(tmp_path)
+    assert servable.metadata["temperature"] == temperature
+    np.testing.assert_allclose(servable.predict(images), expected, atol=1e-5)
+    raw = tf.constant([image.tobytes() for image in pixels])
+    from_pixels = servable.signatures[SERVING_PIXELS](**{PIXELS_INPUT_KEY: raw})[OUTPUT_KEY]
+    np.testing.assert_allclose(from_pixels.numpy(), expected, atol=1e-5)
+    from_bytes = servable.predict_bytes([encode(image, "PNG") for image in pixels])
+    np.testing.assert_allclose(from_bytes, expected, atol=1e-5)
+
+
 def test_bytes_signature_agrees_with_float_path(trained: TrainResult) -> None:
     servable = load_servable(trained.export_dir)
     labels = np.arange(10)
@@ -153,6 +198,23 @@ def test_interrupted_export_leaves_no_version_behind(
         )
     assert list(tmp_path.iterdir()) == []
     assert list_versions(tmp_path) == []
+
+
+def test_an_export_that_fails_its_check_is_never_published(tmp_path: Path) -> None:
+    def refuse(staging: Path) -> None:
+        assert (staging / "saved_model.pb").is_file()  # checked complete, before the rename
+        raise ExportError("answers differ")
+
+    with pytest.raises(ExportError, match="answers differ"):
+        export_model(
+            build_model(TINY_MODEL),
+            TINY_MODEL,
+            tmp_path,
+            class_names=CIFAR10_CLASSES,
+            metadata={},
+            check=refuse,
+        )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_export_is_an_export_error_and_leaves_nothing(tmp_path: Path) -> None:
@@ -199,7 +261,7 @@ def test_evaluate_uses_the_serving_signature(
     trained: TrainResult, cifar_dir: Path, tmp_path: Path
 ) -> None:
     png = tmp_path / "cm.png"
-    report = evaluate(trained.export_dir, cifar_dir, confusion_png=png)
+    report = evaluate(trained.export_dir, cifar_dir, confusion_png=png, jpeg_qualities=(90, 50))
     assert report.split == "validation" and report.num_images == 60
     assert report.confusion_matrix.sum() == 60
     assert set(report.per_class_accuracy) == set(CIFAR10_CLASSES)
@@ -207,7 +269,67 @@ def test_evaluate_uses_the_serving_signature(
     splits = load_splits(cifar_dir, validation_size=60)
     predicted = servable.predict(splits.validation.images / np.float32(255)).argmax(axis=1)
     assert report.accuracy == pytest.approx(float((predicted == splits.validation.labels).mean()))
-    # The trainer's "served" figure is this same measurement, taken before the export existed.
+    # The card's one accuracy figure is this same measurement, taken before the export existed.
     card = json.loads((trained.export_dir / METADATA_FILE).read_text())
-    assert card["metrics"]["validation_accuracy_served"] == pytest.approx(report.accuracy, abs=1e-4)
+    assert card["metrics"]["validation_accuracy"] == pytest.approx(report.accuracy, abs=1e-4)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / RELIABILITY_FILE).read_bytes()[:4] == b"\x89PNG"
+    written = json.loads((tmp_path / "evaluation_validation.json").read_text())
+    calibration = written["calibration"]
+    assert calibration["temperature"] == card["temperature"]
+    assert calibration["ece"] == pytest.approx(card["calibration"]["ece_after"], abs=1e-3)
+    assert calibration["ece_uncalibrated"] == pytest.approx(
+        card["calibration"]["ece_before"], abs=1e-3
+    )
+    assert sum(calibration["bins"]["count"]) == 60
+    assert set(written["jpeg_accuracy"]) == {"q90", "q50"}
+    assert all(0.0 <= value <= 1.0 for value in written["jpeg_accuracy"].values())
+    assert written["low_confidence"]["threshold"] == card["calibration"]["low_confidence_threshold"]
+
+
+def test_calibrating_reexport_of_an_uncalibrated_version(
+    trained: TrainResult, cifar_dir: Path, tmp_path: Path
+) -> None:
+    """Version 1 and 2's contract (views averaged as probabilities) -> a calibrated version."""
+    model = build_model(TINY_MODEL)
+    read_weights(model, trained.export_dir)
+    uncalibrated = export_model(
+        model,
+        TINY_MODEL,
+        tmp_path,
+        class_names=CIFAR10_CLASSES,
+        metadata={"metrics": {"validation_accuracy": 0.5}},
+        flip_tta=True,
+        temperature=None,
+        extra_files={CONFUSION_FILE: trained.export_dir / CURVES_FILE},
+    )
+    validation = load_splits(cifar_dir, validation_size=60).validation
+    calibrated = reexport(uncalibrated, calibration_data=validation)
+    assert calibrated.name == "2"
+    card = json.loads((calibrated / METADATA_FILE).read_text())
+    temperature = card["temperature"]
+    assert temperature == card["calibration"]["temperature"] > 0
+    assert card["reexported_from"] == 1
+    metrics = card["metrics"]
+    assert metrics["validation_accuracy_keras_best_epoch"] == 0.5  # the old name's figure
+    assert metrics["before_calibration"]["version"] == 1
+    assert card["calibration"]["ece_after"] <= card["calibration"]["ece_before"]
+    assert not (calibrated / CONFUSION_FILE).exists()  # it described the old answers
+
+    images = normalize(validation.images)
+    logits = serving_logits(model, images, flip_tta=True).numpy()
+    served = load_servable(calibrated).predict(images)
+    np.testing.assert_array_equal(served.argmax(axis=1), logits.argmax(axis=1))
+    np.testing.assert_allclose(served, softmax(logits, temperature), atol=1e-6)
+    accuracy = float(np.mean(served.argmax(axis=1) == validation.labels))
+    assert metrics["validation_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+
+    # The check the re-export passed fails for any other temperature.
+    wrong = calibrated_answers_check(validation.images, logits, temperature * 1.5)
+    with pytest.raises(ExportError, match="differs from softmax"):
+        wrong(calibrated)
+
+    # A plain re-export of a calibrated version keeps its temperature and its answers.
+    again = reexport(calibrated)
+    assert json.loads((again / METADATA_FILE).read_text())["temperature"] == temperature
+    np.testing.assert_allclose(load_servable(again).predict(images), served, atol=1e-6)

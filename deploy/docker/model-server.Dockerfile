@@ -2,14 +2,14 @@
 #
 # The embedded TF-Serving-compatible model server (`image-classifier model-server`) with the
 # exported model baked in: what deploy/k8s/overlays/embedded runs instead of TensorFlow Serving.
-# Same REST API, paths and flag names as tensorflow_model_server; no gRPC. It installs the
+# Same REST and gRPC APIs, paths and flag names as tensorflow_model_server. It installs the
 # [serve] extra (TensorFlow, FastAPI, uvicorn) and runs as an unprivileged user.
 #
 # Build from the repository root (the build context must hold pyproject.toml, src/, the model
 # and docker/tf_serving/):
 #
 #   docker build -f deploy/docker/model-server.Dockerfile -t image_classifier_model_server .
-#   docker run -p 8501:8501 image_classifier_model_server
+#   docker run -p 8500:8500 -p 8501:8501 image_classifier_model_server
 #   curl http://localhost:8501/v1/models/image_classifier     # -> "state": "AVAILABLE"
 #
 # As with the TF Serving image, arguments given to `docker run` (or a Kubernetes `args:`) are
@@ -69,7 +69,8 @@ USER 10001:10001
 ENV MODEL_NAME=image_classifier \
     HOME=/tmp
 
-# REST only: /v1/models/image_classifier[:predict], /monitoring/prometheus/metrics when enabled.
-EXPOSE 8501
+# 8500: gRPC (PredictionService, ModelService); 8501: REST (/v1/models/image_classifier[:predict],
+# /v2 (KServe), /monitoring/prometheus/metrics when enabled). The same ports as TF Serving's image.
+EXPOSE 8500 8501
 
-ENTRYPOINT ["image-classifier", "model-server", "--host", "0.0.0.0", "--rest_api_port", "8501", "--model_name", "image_classifier", "--model_base_path", "/models/image_classifier"]
+ENTRYPOINT ["image-classifier", "model-server", "--host", "0.0.0.0", "--port", "8500", "--rest_api_port", "8501", "--model_name", "image_classifier", "--model_base_path", "/models/image_classifier"]

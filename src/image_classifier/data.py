@@ -236,15 +236,49 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 # --- tf.data input pipeline ---------------------------------------------------------------------
 
 
-def augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """CIFAR augmentation: random 32x32 crop of the 4-pixel reflect-padded image, random flip."""
+@dataclass(frozen=True)
+class JpegAugment:
+    """Re-encode a training image as JPEG with probability ``probability``, at a quality drawn
+    uniformly from ``[min_quality, max_quality]`` (4:2:0 chroma, as Pillow's and phones' default).
+
+    Uploads are often JPEGs; at 32x32 a JPEG's 8x8 blocks and halved chroma resolution are a
+    large change the clean CIFAR pixels never show the model.
+    """
+
+    probability: float = 0.5
+    min_quality: int = 50
+    max_quality: int = 95
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise ConfigError(f"JPEG augmentation probability must be in [0, 1]: {self}")
+        if not 1 <= self.min_quality <= self.max_quality <= 100:
+            raise ConfigError(f"JPEG qualities must satisfy 1 <= min <= max <= 100: {self}")
+
+
+def augment(image: tf.Tensor, seed: tf.Tensor, jpeg: JpegAugment | None = None) -> tf.Tensor:
+    """CIFAR augmentation: random 32x32 crop of the 4-pixel reflect-padded image, random flip,
+    then (with ``jpeg``) a random JPEG re-encoding of some images."""
     import tensorflow as tf
 
     pad = AUGMENT_PADDING
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     cropped = tf.image.stateless_random_crop(padded, tf.shape(image), seed=crop_seed)
-    return tf.image.stateless_random_flip_left_right(cropped, seed=flip_seed)
+    flipped = tf.image.stateless_random_flip_left_right(cropped, seed=flip_seed)
+    if jpeg is None or jpeg.probability == 0.0:
+        return flipped
+    # Seeds of their own, folded from the image's seed, so crops and flips stay what they were
+    # without JPEG augmentation (the same run is reproducible with probability 0).
+    jpeg_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    apply_seed, quality_seed = tf.unstack(tf.random.experimental.stateless_split(jpeg_seed, 2))
+    apply = tf.random.stateless_uniform([], seed=apply_seed) < jpeg.probability
+    quality = tf.random.stateless_uniform(
+        [], seed=quality_seed, minval=jpeg.min_quality, maxval=jpeg.max_quality + 1, dtype=tf.int32
+    )
+    # Encoded and decoded only when applied: the other images skip the codec's cost.
+    coded = tf.cond(apply, lambda: tf.image.adjust_jpeg_quality(flipped, quality), lambda: flipped)
+    return tf.ensure_shape(coded, image.shape)  # the decoder's output shape is not static
 
 
 @dataclass(frozen=True)
@@ -302,6 +336,7 @@ def make_tf_dataset(
     training: bool,
     seed: int = 0,
     shard: Shard | None = None,
+    jpeg: JpegAugment | None = None,
 ) -> tf.data.Dataset:
     """Batched (float32 [0, 1] images, int labels); shuffled and augmented only when training.
 
@@ -314,6 +349,8 @@ def make_tf_dataset(
     epoch, as the order is reshuffled) is dropped, because a replica given an empty share would
     make BatchNorm's batch statistics NaN and the workers must step in lockstep. Evaluation
     keeps every image of the worker's share.
+
+    ``jpeg`` adds random JPEG re-encoding to the training augmentation (:class:`JpegAugment`).
     """
     import tensorflow as tf
 
@@ -329,7 +366,7 @@ def make_tf_dataset(
             whole = sharded_steps_per_epoch(len(dataset), batch_size) * batch_size
             ds = ds.take(whole).shard(shard.count, shard.index)
         ds = ds.map(
-            lambda pair, s: (augment(pair[0], s), pair[1]),
+            lambda pair, s: (augment(pair[0], s, jpeg), pair[1]),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )

@@ -17,7 +17,8 @@ The TCN (Bai, Kolter & Koltun 2018)
     dilation 8 links vertically adjacent tokens, so the stack mixes rows as well as columns.
 
 Input standardization (per-channel mean/std of the training set) is the model's first layer,
-so every caller sends float32 RGB in [0, 1]. The model returns logits; the export adds softmax.
+so every caller sends float32 RGB in [0, 1]. The model returns logits; the export divides them by
+the fitted temperature and adds softmax.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from image_classifier.constants import DEFAULT_HOST, LogLevel
+from image_classifier.constants import DEFAULT_GRPC_PORT, DEFAULT_HOST, LogLevel
 from image_classifier.errors import ServeError
 from image_classifier.tfserving.rest import model_path
 from image_classifier.tfserving.status import AVAILABLE, parse_status_body
@@ -55,6 +55,7 @@ class ModelServerProcess:
         model_base_path: Path,
         model_name: str,
         port: int,
+        grpc_port: int = DEFAULT_GRPC_PORT,
         restart: bool = True,
         python: str = sys.executable,
         log_level: LogLevel = "info",
@@ -63,6 +64,7 @@ class ModelServerProcess:
         self.model_base_path = model_base_path
         self.model_name = model_name
         self.port = port
+        self.grpc_port = grpc_port
         self.restart = restart
         self.python = python
         self.log_level = log_level
@@ -85,6 +87,8 @@ class ModelServerProcess:
             DEFAULT_HOST,
             "--rest_api_port",
             str(self.port),
+            "--port",
+            str(self.grpc_port),
             "--model_name",
             self.model_name,
             "--model_base_path",

@@ -2,7 +2,8 @@
 
 One story, top to bottom: load data -> split -> build model -> compile (SGD + one-cycle LR,
 decoupled weight decay, label smoothing) -> fit with best-checkpointing -> restore best ->
-export (atomic, next version) with history, curves and the model card.
+fit the temperature on the validation split -> export (atomic, next version, calibrated) with
+history, curves and the model card.
 
 Ctrl-C during ``fit`` stops training cleanly: the best checkpoint so far is restored and exported.
 
@@ -38,6 +39,7 @@ from image_classifier.constants import (
 from image_classifier.data import (
     DEFAULT_VALIDATION_SIZE,
     DataSplits,
+    JpegAugment,
     Shard,
     channel_stats,
     load_splits,
@@ -88,7 +90,24 @@ class TrainConfig:
     # bfloat16 compute (float32 weights) uses the CPU's AMX/AVX-512 BF16 units where present.
     precision: Literal["float32", "mixed_bfloat16"] = "mixed_bfloat16"
     flip_tta: bool = True  # export averages the image and its mirror
+    # Share of training images re-encoded as JPEG at a random quality in [min, max] (data.py's
+    # JpegAugment); 0 turns it off, as it was when the shipped weights were trained.
+    jpeg_augment_probability: float = 0.5
+    jpeg_quality_min: int = 50
+    jpeg_quality_max: int = 95
+    # Fit a temperature on the validation split after training and export it calibrated.
+    calibrate: bool = True
     verbose: int = 1
+
+    def __post_init__(self) -> None:
+        self.jpeg_augment()  # validates the JPEG settings when the config is made
+
+    def jpeg_augment(self) -> JpegAugment | None:
+        if self.jpeg_augment_probability == 0:
+            return None
+        return JpegAugment(
+            self.jpeg_augment_probability, self.jpeg_quality_min, self.jpeg_quality_max
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -370,7 +389,12 @@ def train(
     """
     import keras
 
-    from image_classifier.export import export_model
+    from image_classifier.export import (
+        calibrated_answers_check,
+        calibrated_metrics,
+        export_model,
+        fit_calibration,
+    )
     from image_classifier.plots import plot_training_curves
 
     train_config = train_config or TrainConfig()
@@ -456,6 +480,7 @@ def train(
                 batch_size=train_config.batch_size,
                 training=True,
                 seed=train_config.seed,
+                jpeg=train_config.jpeg_augment(),
             ).map(lambda x, y: (x, _one_hot(y, num_classes)))
             val_ds = make_tf_dataset(
                 data.validation, batch_size=train_config.batch_size, training=False
@@ -495,14 +520,19 @@ def train(
         # distributed variables could start collectives the finished workers never join.
         model = build_model(model_config)
     model.load_weights(str(best_weights))
-    served_val = served_accuracy(model, model_config, data, flip_tta=train_config.flip_tta)
+    calibration, val_logits = fit_calibration(
+        model, model_config, data.validation, flip_tta=train_config.flip_tta
+    )
+    # Uncalibrated is T = 1 of the same contract (views averaged as logits), so every figure
+    # below describes what the export serves either way.
+    temperature = calibration.temperature if train_config.calibrate else 1.0
 
     history_file = run_path / HISTORY_FILE
     history_file.write_text(json.dumps(history, indent=2), encoding="utf-8")
     curves_file = run_path / CURVES_FILE
     plot_training_curves(history, curves_file)
 
-    metadata = {
+    metadata: dict[str, Any] = {
         "name": MODEL_NAME,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": {
@@ -534,13 +564,18 @@ def train(
             "validation_images": len(data.validation),
             "validation_seed": train_config.seed,
         },
+        # The exported graph's own figures (float32, flip averaging when enabled), checked
+        # through its serving_default before it is published, and Keras' best-epoch figure
+        # (training precision, one pass per image) under its own name.
         "metrics": {
-            # The best epoch as Keras measured it (training precision, one pass per image)...
-            "validation_accuracy": round(float(best_val), 4),
-            # ...and the exported graph itself (float32, with flip averaging when enabled).
-            "validation_accuracy_served": round(served_val, 4),
+            **calibrated_metrics(calibration, {}),
+            "validation_accuracy_keras_best_epoch": round(float(best_val), 4),
         },
     }
+    if train_config.calibrate:
+        metadata["calibration"] = calibration.to_card()
+    else:
+        metadata["metrics"]["validation_ece"] = round(calibration.ece_before, 4)
     export_dir = export_model(
         model,
         model_config,
@@ -549,7 +584,9 @@ def train(
         metadata=metadata,
         version=version,
         flip_tta=train_config.flip_tta,
+        temperature=temperature,
         extra_files={HISTORY_FILE: history_file, CURVES_FILE: curves_file},
+        check=calibrated_answers_check(data.validation.images, val_logits, temperature),
     )
     if multi_worker:
         _wait_for_every_worker(plan)
@@ -562,23 +599,6 @@ def train(
         interrupted=interrupted,
         metadata=metadata,
     )
-
-
-def served_accuracy(
-    model: keras.Model, config: ModelConfig, data: DataSplits, *, flip_tta: bool
-) -> float:
-    """Validation accuracy of exactly what the export will compute."""
-    import numpy as np
-
-    from image_classifier.evaluate import predict_in_batches
-    from image_classifier.export import float32_copy, serving_probabilities
-
-    serving_model = float32_copy(model, config)
-    probs = predict_in_batches(
-        lambda batch: np.asarray(serving_probabilities(serving_model, batch, flip_tta=flip_tta)),
-        data.validation.images,
-    )
-    return float(np.mean(np.argmax(probs, axis=1) == data.validation.labels))
 
 
 def _one_hot(labels: Any, num_classes: int) -> Any:
@@ -709,7 +729,12 @@ def _fit_multi_worker(
             context.num_replicas_in_sync // context.num_input_pipelines,
         )
         return make_tf_dataset(
-            data.train, batch_size=config.batch_size, training=True, seed=config.seed, shard=shard
+            data.train,
+            batch_size=config.batch_size,
+            training=True,
+            seed=config.seed,
+            shard=shard,
+            jpeg=config.jpeg_augment(),
         ).map(one_hot)
 
     train_batches = strategy.distribute_datasets_from_function(train_input)

@@ -6,6 +6,8 @@ Each guard exists because a hostile or broken client can otherwise hold a server
   declared ``Content-Length``) or at the first byte over it (chunked), and a body that stops
   arriving for ``body_timeout_s`` is cut off with 408. Pure ASGI, because both have to act on
   body chunks as they arrive, before anything buffers them.
+- :class:`GzipRequestMiddleware`: ``Content-Encoding: gzip`` bodies inflated with the same
+  size limit applied to the decompressed bytes (a gzip bomb is refused, not inflated).
 - :class:`HeaderTimeoutH11Protocol`: uvicorn's HTTP/1.1 protocol plus a deadline for a request's
   headers, so a client trickling headers byte by byte cannot keep a connection open forever
   (uvicorn only bounds the idle time between requests).
@@ -27,6 +29,7 @@ import ctypes.util
 import json
 import logging
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from functools import cache
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import h11
 import uvicorn
 from starlette.datastructures import Headers, MutableHeaders
@@ -226,6 +230,125 @@ class BodyGuardMiddleware:
                 raise
         if refused is not None and not app_responded:
             await self._reject(refused, scope, send)
+
+
+class GzipRequestMiddleware:
+    """Decompress ``Content-Encoding: gzip`` request bodies, as TF Serving does, with a cap.
+
+    The body is inflated as it arrives, at most ``max_bytes`` of output (``setting`` names the
+    flag that raises it): a small gzip bomb expanding to gigabytes is refused with 413 after
+    ``max_bytes`` of work, never held in memory. A body that is not valid gzip is a 400. Both
+    answers go through ``respond(status, message)``, in the server's error shape. The app then
+    sees the plain body, without the Content-Encoding header. Put it inside
+    :class:`BodyGuardMiddleware`, which limits the compressed bytes and their pace.
+    """
+
+    # Inflate this much per step, letting other requests run between steps: a 64 MiB body does
+    # not hold the event loop for its whole decompression.
+    STEP_BYTES = 1024 * 1024
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        setting: str,
+        respond: Callable[[int, str], Response],
+    ) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.setting = setting
+        self.respond = respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        # TF Serving's test: the header contains "gzip" (so "x-gzip" and lists count too).
+        if "gzip" not in headers.get("content-encoding", "").lower():
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await self._inflate(receive)
+        except _GzipRefusalError as refusal:
+
+            async def no_body() -> Message:
+                return {"type": "http.disconnect"}
+
+            response = self.respond(refusal.status, refusal.message)
+            # The rest of the compressed body may still be on the socket: close the connection.
+            response.headers["Connection"] = "close"
+            await response(scope, no_body, send)
+            return
+        plain_scope = dict(scope)
+        plain_scope["headers"] = [
+            (name, value)
+            for name, value in scope["headers"]
+            if name.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")
+        ] + [(b"content-length", str(len(body)).encode())]
+        delivered = False
+
+        async def plain_receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnect notices, as usual
+
+        await self.app(plain_scope, plain_receive, send)
+
+    async def _inflate(self, receive: Receive) -> bytes:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing only
+        parts: list[bytes] = []
+        size = 0
+        received_any = False
+        more_body = True
+        while more_body:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise _GzipRefusalError(400, "the client disconnected during the request body")
+            more_body = message.get("more_body", False)
+            data = message.get("body", b"")
+            received_any = received_any or bool(data)
+            while True:
+                if inflater.eof and data:
+                    # Another gzip member follows: concatenated members are one body (RFC 1952,
+                    # and gzip.decompress agrees).
+                    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+                limit = min(self.STEP_BYTES, self.max_bytes - size + 1)
+                try:
+                    chunk = inflater.decompress(data, limit)
+                except zlib.error as exc:
+                    raise _GzipRefusalError(
+                        400, f"the request body is not valid gzip (Content-Encoding: gzip): {exc}"
+                    ) from None
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise _GzipRefusalError(
+                        413,
+                        f"the decompressed request body is larger than the limit of "
+                        f"{self.max_bytes:,} bytes ({self.setting})",
+                    )
+                parts.append(chunk)
+                data = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
+                # A full step may leave output pending even with no input left: go on until a
+                # step comes back short.
+                if not data and (inflater.eof or len(chunk) < limit):
+                    break
+                await anyio.lowlevel.checkpoint()
+        if received_any and not inflater.eof:
+            raise _GzipRefusalError(
+                400, "the request body is not valid gzip (Content-Encoding: gzip): it is truncated"
+            )
+        return b"".join(parts)
+
+
+class _GzipRefusalError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class SecurityHeadersMiddleware:

@@ -1,9 +1,9 @@
 """``image-classifier model-server``: tensorflow_model_server's flags, this package's server.
 
-Flag names are tensorflow_model_server's (``--rest_api_port``, ``--model_name``,
-``--model_base_path``, ``--file_system_poll_wait_seconds``, ...; ``--flag=value`` works too), so
-a command line written for TF Serving's REST side runs unchanged. Nothing here imports
-TensorFlow or the web stack until the server actually starts.
+Flag names are tensorflow_model_server's (``--port``, ``--rest_api_port``, ``--model_name``,
+``--model_base_path``, ``--model_config_file``, ``--file_system_poll_wait_seconds``, ...;
+``--flag=value`` works too), so a command line written for TF Serving runs unchanged. Nothing
+here imports TensorFlow or the web stack until the server actually starts.
 """
 
 from __future__ import annotations
@@ -12,8 +12,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from image_classifier.cli._common import SubParsers, flag_bool
-from image_classifier.constants import DEFAULT_HOST, DEFAULT_REST_API_PORT, LOG_LEVELS
+from image_classifier.cli._common import SubParsers, flag_bool, quiet_tensorflow
+from image_classifier.constants import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HOST,
+    DEFAULT_REST_API_PORT,
+    LOG_LEVELS,
+)
 from image_classifier.model_server._batching import BatchingOptions
 from image_classifier.model_server._settings import (
     DEFAULT_LOAD_RETRY_INTERVAL_SECONDS,
@@ -28,9 +33,12 @@ logger = logging.getLogger("image_classifier.model_server")
 
 DESCRIPTION = (
     "Serve the exported SavedModel with TensorFlow Serving's REST API "
-    "(GET /v1/models/NAME[/versions/N][/metadata], POST /v1/models/NAME[/versions/N]:predict). "
+    "(GET /v1/models/NAME[/versions/N|/labels/L][/metadata], "
+    "POST /v1/models/NAME[/versions/N|/labels/L]:predict) and its gRPC API "
+    "(PredictionService, ModelService) on --port. "
     "The highest integer version under --model_base_path is served, and a newly exported "
-    "version replaces it without a restart."
+    "version replaces it without a restart; --model_config_file serves several models with "
+    "version policies and labels."
 )
 
 
@@ -55,14 +63,37 @@ def register(subparsers: SubParsers) -> None:
     parser.add_argument(
         "--model_name",
         default=defaults.model_name,
-        help=f"name in the URLs (default {defaults.model_name})",
+        help=f"name in the URLs (default {defaults.model_name}; ignored with --model_config_file)",
     )
     parser.add_argument(
         "--model_base_path",
         type=Path,
         default=defaults.model_base_path,
         help="directory holding <integer version>/saved_model.pb "
-        f"(default {defaults.model_base_path})",
+        f"(default {defaults.model_base_path}; ignored with --model_config_file)",
+    )
+    parser.add_argument(
+        "--model_config_file",
+        type=Path,
+        help="ModelServerConfig text proto: several models, each with name, base_path "
+        "(absolute), model_platform, model_version_policy and version_labels",
+    )
+    parser.add_argument(
+        "--model_config_file_poll_wait_seconds",
+        type=float,
+        default=defaults.model_config_file_poll_wait_seconds,
+        help="re-read --model_config_file this often and apply it when it changed; "
+        "0: read once (default 0)",
+    )
+    parser.add_argument(
+        "--allow_version_labels_for_unavailable_models",
+        type=flag_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="let version_labels name a version that is not AVAILABLE yet, e.g. at startup "
+        "(default false)",
     )
     parser.add_argument(
         "--file_system_poll_wait_seconds",
@@ -122,7 +153,18 @@ def register(subparsers: SubParsers) -> None:
         "--rest_api_timeout_in_ms",
         type=int,
         default=defaults.rest_api_timeout_in_ms,
-        help=f"a predict not answered by then gets 504 (default {defaults.rest_api_timeout_in_ms})",
+        help="a predict not answered by then gets 504; 0: no deadline "
+        f"(default {defaults.rest_api_timeout_in_ms})",
+    )
+    parser.add_argument(
+        "--rest_api_enable_cors_support",
+        type=flag_bool,
+        nargs="?",
+        const=True,
+        default=defaults.rest_api_enable_cors_support,
+        metavar="BOOL",
+        help="answer CORS preflights (OPTIONS) and add Access-Control-Allow-* headers to REST "
+        "answers (default false)",
     )
     parser.add_argument(
         "--enable_model_warmup",
@@ -143,9 +185,29 @@ def register(subparsers: SubParsers) -> None:
     parser.add_argument(
         "--port",
         type=int,
+        default=DEFAULT_GRPC_PORT,
+        help="gRPC port (PredictionService, ModelService) on --host; 0 only with "
+        f"--grpc_socket_path (default {DEFAULT_GRPC_PORT})",
+    )
+    parser.add_argument(
+        "--grpc_socket_path",
         default=None,
-        help="TF Serving's gRPC port: accepted so TF Serving command lines work, "
-        "but gRPC is not served",
+        help="also serve gRPC on this UNIX socket",
+    )
+    parser.add_argument(
+        "--grpc_max_threads",
+        type=int,
+        default=defaults.grpc_max_threads,
+        help=f"gRPC calls handled at once (default 4 x CPUs = {defaults.grpc_max_threads})",
+    )
+    parser.add_argument(
+        "--enable_grpc_healthcheck_service",
+        type=flag_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="serve grpc.health.v1.Health on the gRPC port (default false)",
     )
     guards = parser.add_argument_group(
         "guards (this server's own; TF Serving has no such flags)",
@@ -188,9 +250,25 @@ def register(subparsers: SubParsers) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ModelServerSettings:
+    defaults = ModelServerSettings()
+    if args.model_config_file is not None and (
+        args.model_name != defaults.model_name or args.model_base_path != defaults.model_base_path
+    ):
+        # TF Serving's rule, not an error: its Docker image always passes both, so refusing
+        # them would break `docker run ... --model_config_file=...` command lines.
+        logger.warning("--model_name and --model_base_path are ignored with --model_config_file")
     return ModelServerSettings(
         model_name=args.model_name,
         model_base_path=args.model_base_path,
+        model_config_file=args.model_config_file,
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        allow_version_labels_for_unavailable_models=(
+            args.allow_version_labels_for_unavailable_models
+        ),
+        grpc_port=args.port,
+        grpc_socket_path=args.grpc_socket_path,
+        grpc_max_threads=args.grpc_max_threads,
+        enable_grpc_healthcheck_service=args.enable_grpc_healthcheck_service,
         host=args.host,
         rest_api_port=args.rest_api_port,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
@@ -206,6 +284,7 @@ def settings_from_args(args: argparse.Namespace) -> ModelServerSettings:
         max_decoded_pixels=args.max_decoded_pixels,
         enable_model_warmup=args.enable_model_warmup,
         rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
+        rest_api_enable_cors_support=args.rest_api_enable_cors_support,
         batching=_batching(args),
         prometheus_path=_prometheus_path(args),
     )
@@ -231,10 +310,8 @@ def _batching(args: argparse.Namespace) -> BatchingOptions | None:
 
 def run(args: argparse.Namespace) -> int:
     """Blocks until the server stops; an invalid flag value is a ConfigError (one line)."""
+    quiet_tensorflow(args.log_level)
     from image_classifier.model_server import run_model_server
 
-    settings = settings_from_args(args)
-    if args.port is not None:
-        logger.warning("--port=%d ignored: this server speaks REST only (no gRPC)", args.port)
-    run_model_server(settings)
+    run_model_server(settings_from_args(args))
     return 0

@@ -1,8 +1,8 @@
 """``image-classifier serve``: the whole service in one command, on the embedded model server.
 
-1. Start the embedded model server (TF-Serving-compatible REST) on the export as a child process
-   (:class:`~image_classifier.supervisor.ModelServerProcess`) and wait until the model is
-   AVAILABLE.
+1. Start the embedded model server (TF-Serving-compatible REST, and gRPC on 8500) on the export
+   as a child process (:class:`~image_classifier.supervisor.ModelServerProcess`) and wait until
+   the model is AVAILABLE.
 2. Run the gateway (tfserving backend, pointed at that child) in this process.
 3. Print where everything is. The child is restarted if it dies, while the gateway answers 503
    in the meantime, then 200 again without a gateway restart.
@@ -24,9 +24,11 @@ from types import FrameType
 from image_classifier.cli._common import SubParsers
 from image_classifier.constants import (
     DEFAULT_GATEWAY_PORT,
+    DEFAULT_GRPC_PORT,
     DEFAULT_HOST,
     DEFAULT_MODEL_BASE_PATH,
     DEFAULT_REST_API_PORT,
+    LOG_FORMATS,
     LOG_LEVELS,
     MODEL_NAME,
 )
@@ -70,6 +72,13 @@ def register(subparsers: SubParsers) -> None:
         help=f"model server REST port on {DEFAULT_HOST} (default {DEFAULT_REST_API_PORT})",
     )
     parser.add_argument(
+        "--model-grpc-port",
+        type=int,
+        default=DEFAULT_GRPC_PORT,
+        help=f"model server gRPC port (TF Serving's PredictionService) on {DEFAULT_HOST} "
+        f"(default {DEFAULT_GRPC_PORT})",
+    )
+    parser.add_argument(
         "--startup-timeout",
         type=float,
         default=180.0,
@@ -90,6 +99,13 @@ def register(subparsers: SubParsers) -> None:
         default="info",
         choices=LOG_LEVELS,
         help="log level of both processes (default info; debug logs every request)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="the gateway's log lines: text, or json (one JSON object per line, for log "
+        "shippers; default text)",
     )
     parser.set_defaults(func=run)
 
@@ -123,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     check_port_free(args.host, args.port, "gateway", "--port")
     check_port_free(DEFAULT_HOST, args.model_port, "model server", "--model-port")
+    check_port_free(DEFAULT_HOST, args.model_grpc_port, "model server gRPC", "--model-grpc-port")
     settings = load_settings(
         host=args.host,
         port=args.port,
@@ -131,11 +148,13 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         model_card_path=base_path,
         log_level=args.log_level,
+        log_format=args.log_format,
     )
     model = ModelServerProcess(
         model_base_path=base_path,
         model_name=args.model_name,
         port=args.model_port,
+        grpc_port=args.model_grpc_port,
         restart=not args.no_restart,
         log_level=args.log_level,
         extra_args=_batching_flags(args.batching),
@@ -151,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
                     f"  API docs:      {base}/docs",
                     f"  Readiness:     {base}/ready     Metrics: {base}/metrics",
                     f"  Model server:  {model.url}/v1/models/{model.model_name}  (pid {model.pid})",
+                    f"  gRPC:          {DEFAULT_HOST}:{model.grpc_port}  (PredictionService)",
                     "  Press Ctrl-C to stop both.",
                     "",
                 ]

@@ -20,8 +20,9 @@ def register(subparsers: SubParsers) -> None:
         "train",
         help="train the TCN and export a new SavedModel version",
         description="Train on CIFAR-10 batches or an image folder, keep the epoch with the best "
-        "validation accuracy, and export it as <model-base-path>/<next version>/ with its "
-        "history, training curves and model card. Ctrl-C exports the best epoch so far.",
+        "validation accuracy, fit a temperature on the validation split, and export it "
+        "calibrated as <model-base-path>/<next version>/ with its history, training curves and "
+        "model card. Ctrl-C exports the best epoch so far.",
     )
     p.add_argument(
         "--data-dir",
@@ -71,6 +72,24 @@ def register(subparsers: SubParsers) -> None:
         action=argparse.BooleanOptionalAction,
         help="export averages each image with its mirror (default on)",
     )
+    g.add_argument(
+        "--jpeg-augment-probability",
+        type=float,
+        help="share of training images re-encoded as JPEG at a random quality "
+        f"(default {t.jpeg_augment_probability}; 0: off)",
+    )
+    g.add_argument(
+        "--jpeg-quality-min", type=int, help=f"lowest JPEG quality, default {t.jpeg_quality_min}"
+    )
+    g.add_argument(
+        "--jpeg-quality-max", type=int, help=f"highest JPEG quality, default {t.jpeg_quality_max}"
+    )
+    g.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        help="fit a temperature on the validation split and export calibrated probabilities "
+        "(default on)",
+    )
     a = p.add_argument_group("architecture")
     a.add_argument(
         "--stem-filters",
@@ -98,6 +117,10 @@ _TRAIN_FLAGS = (
     "seed",
     "precision",
     "flip_tta",
+    "jpeg_augment_probability",
+    "jpeg_quality_min",
+    "jpeg_quality_max",
+    "calibrate",
 )
 _MODEL_FLAGS = (
     "stem_filters",

@@ -13,6 +13,11 @@ Internals, in the order a request meets them: ``_app`` (routes, threads), ``_ser
 Serving's API calls over the manager), ``_manager`` (versions, polling, atomic swap),
 ``_settings`` and ``_server`` (uvicorn). The protocol itself (URL grammar, JSON <-> tensors,
 status body, signature_def, canonical errors) is :mod:`image_classifier.tfserving`.
+The same port also speaks the Open Inference Protocol (KServe v2): ``_v2`` routes it into the
+same models and predict path, its wire format is :mod:`image_classifier.kserve_v2`; ``_cors``
+is ``--rest_api_enable_cors_support``. ``_grpc`` serves TF Serving's gRPC API on ``--port``
+(PredictionService, ModelService, health) from the same registry, batcher and signature runner;
+``_manager``'s registry holds several models when ``--model_config_file`` names them.
 """
 
 from __future__ import annotations

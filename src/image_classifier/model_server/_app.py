@@ -13,23 +13,33 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
 import anyio.to_thread
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from image_classifier.errors import PayloadTooLargeError, RequestTimeoutError
-from image_classifier.model_server import _service
+from image_classifier.errors import ConfigError, PayloadTooLargeError, RequestTimeoutError
+from image_classifier.model_server import _service, _v2
 from image_classifier.model_server._batching import Batcher
-from image_classifier.model_server._manager import ModelManager, load_version
+from image_classifier.model_server._cors import CORSMiddleware
+from image_classifier.model_server._grpc import GrpcServer, Serving
+from image_classifier.model_server._manager import (
+    ModelManager,
+    ModelRegistry,
+    build_registry,
+    load_models,
+    run_config_poller,
+)
 from image_classifier.model_server._monitoring import ServerMetrics
 from image_classifier.model_server._settings import ModelServerSettings
 from image_classifier.tfserving.errors import ServingError
@@ -38,6 +48,7 @@ from image_classifier.tfserving.rest import ApiCall, parse_path
 from image_classifier.webserver import (
     BodyGuardMiddleware,
     DecodeBudget,
+    GzipRequestMiddleware,
     SafeJSONResponse,
     SecurityHeadersMiddleware,
 )
@@ -53,23 +64,22 @@ _INLINE_OUTPUT_VALUES = 4096
 
 
 def create_app(
-    settings: ModelServerSettings | None = None, *, manager: ModelManager | None = None
+    settings: ModelServerSettings | None = None,
+    *,
+    manager: ModelManager | None = None,
+    grpc_server: GrpcServer | None = None,
 ) -> FastAPI:
     """The model server app; nothing is loaded until the lifespan starts.
 
     ``manager`` replaces the one built from ``settings`` (tests inject a preloaded one).
+    ``grpc_server`` (bound by :func:`._grpc.bind`) starts serving once the models are loaded
+    and stops with the app.
     """
     settings = settings or ModelServerSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = manager or ModelManager(
-            settings.model_name,
-            settings.model_base_path,
-            max_num_load_retries=settings.max_num_load_retries,
-            load_retry_interval_seconds=settings.load_retry_interval_seconds,
-            loader=functools.partial(load_version, warmup=settings.enable_model_warmup),
-        )
+        model = ModelRegistry.single(manager) if manager else build_registry(settings)
         app.state.manager = model
         app.state.limiter = anyio.CapacityLimiter(settings.rest_api_num_threads)
         app.state.decode_budget = DecodeBudget(
@@ -90,23 +100,53 @@ def create_app(
         # usually means "model AVAILABLE"; a missing or broken version still lets the server
         # start (and report it in the status endpoint) rather than exit.
         try:
-            await anyio.to_thread.run_sync(model.poll)
+            await anyio.to_thread.run_sync(functools.partial(load_models, model, settings))
+        except ConfigError:
+            raise  # a --model_config_file TF Serving would not start with either
         except Exception:  # e.g. an unreadable base path: report it, keep polling
             logger.exception("initial look at %s failed", settings.model_base_path)
         stop = threading.Event()
-        poller: threading.Thread | None = None
+        pollers: list[threading.Thread] = []
         if settings.file_system_poll_wait_seconds > 0:
-            poller = threading.Thread(
-                target=model.run_poller,
-                args=(stop, settings.file_system_poll_wait_seconds),
-                name="model-server-poller",
-                daemon=True,  # a load in progress must not hold the process at exit
+            pollers.append(
+                threading.Thread(
+                    target=model.run_poller,
+                    args=(stop, settings.file_system_poll_wait_seconds),
+                    name="model-server-poller",
+                    daemon=True,  # a load in progress must not hold the process at exit
+                )
             )
+        if settings.model_config_file and settings.model_config_file_poll_wait_seconds > 0:
+            pollers.append(
+                threading.Thread(
+                    target=run_config_poller,
+                    args=(
+                        model,
+                        settings.model_config_file,
+                        stop,
+                        settings.model_config_file_poll_wait_seconds,
+                    ),
+                    name="model-config-poller",
+                    daemon=True,
+                )
+            )
+        for poller in pollers:
             poller.start()
+        if grpc_server is not None:
+            grpc_server.start(
+                Serving(
+                    model,
+                    app.state.run_signature,
+                    app.state.batcher,
+                    app.state.metrics,
+                    app.state.decode_budget,
+                    settings,
+                )
+            )
         logger.info(
-            "serving model %r from %s on http://%s:%d",
-            settings.model_name,
-            settings.model_base_path,
+            "serving %s on http://%s:%d",
+            settings.model_config_file
+            or f"model {settings.model_name!r} from {settings.model_base_path}",
             settings.host,
             settings.rest_api_port,
         )
@@ -114,9 +154,11 @@ def create_app(
             yield
         finally:
             stop.set()
+            if grpc_server is not None:
+                await anyio.to_thread.run_sync(grpc_server.stop)
             if app.state.batcher is not None:
                 await anyio.to_thread.run_sync(app.state.batcher.stop)
-            if poller is not None:
+            for poller in pollers:
                 await anyio.to_thread.run_sync(
                     functools.partial(poller.join, _JOIN_TIMEOUT_SECONDS)
                 )
@@ -140,6 +182,16 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
     app.add_api_route("/v1/{path:path}", _v1, methods=["GET", "POST"])
+    # The Open Inference Protocol (KServe v2) beside it, through the same models and predict path.
+    _v2.add_routes(app, read_body=_read_body, run=_run_prepared)
+    # Innermost first: gzip bodies are inflated (within the same size limit) inside the guard
+    # that limits the compressed bytes; CORS, outermost, marks every answer, refusals included.
+    app.add_middleware(
+        GzipRequestMiddleware,
+        max_bytes=settings.max_request_bytes,
+        setting="--max_request_bytes",
+        respond=_error,
+    )
     app.add_middleware(
         BodyGuardMiddleware,
         max_bytes=settings.max_request_bytes,
@@ -148,6 +200,8 @@ def create_app(
         body_timeout_s=settings.http_body_timeout_seconds,
     )
     app.add_middleware(SecurityHeadersMiddleware)
+    if settings.rest_api_enable_cors_support:
+        app.add_middleware(CORSMiddleware, error=_error)
     return app
 
 
@@ -179,35 +233,53 @@ async def _v1(request: Request) -> Response:
 
 async def _answer(request: Request, call: ApiCall) -> Response:
     settings: ModelServerSettings = request.app.state.settings
-    manager: ModelManager = request.app.state.manager
+    manager: ModelRegistry = request.app.state.manager
     if call.kind == "status":
         return SafeJSONResponse(_service.model_status(manager, call))
     if call.kind == "metadata":
         return SafeJSONResponse(_service.model_metadata(manager, call))
-    try:
-        body = await request.body()  # BodyGuardMiddleware cuts it off at the limit
-    except ClientDisconnect:
-        # A body cut short by the client (or a framing error uvicorn has already answered):
-        # nothing to answer and nothing broken, so no traceback in the log either.
-        raise ServingError(
-            "Client disconnected before the request body was complete", status="CANCELLED"
-        ) from None
-    timeout = settings.rest_api_timeout_in_ms / 1000
-    deadline = time.monotonic() + timeout
-    limiter = request.app.state.limiter
-    budget = request.app.state.decode_budget
-    batcher: Batcher | None = request.app.state.batcher
+    body = await _read_body(request)
     prepare = functools.partial(
         _service.prepare_predict,
         manager,
         call,
         body,
         max_batch_size=settings.max_batch_size,
-        max_request_pixels=budget.capacity,
+        max_request_pixels=request.app.state.decode_budget.capacity,
     )
+    prepared, outputs = await _run_prepared(request, prepare, len(body))
+    encode = functools.partial(encode_predict_response, outputs, row_format=prepared.row_format)
+    if sum(value.size for value in outputs.values()) <= _INLINE_OUTPUT_VALUES:
+        content = encode()
+    else:
+        content = await anyio.to_thread.run_sync(encode, limiter=request.app.state.limiter)
+    return Response(content, media_type="application/json")
+
+
+async def _read_body(request: Request) -> bytes:
+    try:
+        return await request.body()  # BodyGuardMiddleware cuts it off at the limit
+    except ClientDisconnect:
+        # A body cut short by the client (or a framing error uvicorn has already answered):
+        # nothing to answer and nothing broken, so no traceback in the log either.
+        raise ServingError(
+            "Client disconnected before the request body was complete", status="CANCELLED"
+        ) from None
+
+
+async def _run_prepared(
+    request: Request, prepare: Callable[[], _service.PreparedPredict], body_size: int
+) -> tuple[_service.PreparedPredict, dict[str, np.ndarray]]:
+    """Parse (``prepare``) and run one predict within --rest_api_timeout_in_ms: v1 and v2 alike."""
+    settings: ModelServerSettings = request.app.state.settings
+    # 0 is TF Serving's "no deadline"; fail_after(None) and an infinite deadline mean the same.
+    timeout = settings.rest_api_timeout_in_ms / 1000 or None
+    deadline = time.monotonic() + (math.inf if timeout is None else timeout)
+    limiter = request.app.state.limiter
+    batcher: Batcher | None = request.app.state.batcher
     try:
         with anyio.fail_after(timeout):
-            if len(body) <= _INLINE_BODY_BYTES:
+            if body_size <= _INLINE_BODY_BYTES:
                 prepared = prepare()  # a few kB of JSON: cheaper than a thread hop
             else:
                 prepared = await anyio.to_thread.run_sync(prepare, limiter=limiter)
@@ -219,7 +291,7 @@ async def _answer(request: Request, call: ApiCall) -> Response:
                     pixels=prepared.pixels,
                     deadline=deadline,
                 )
-                outputs = await asyncio.wrap_future(future)
+                outputs: dict[str, np.ndarray] = await asyncio.wrap_future(future)
             else:
                 outputs = await anyio.to_thread.run_sync(
                     functools.partial(
@@ -238,12 +310,7 @@ async def _answer(request: Request, call: ApiCall) -> Response:
             "(--rest_api_timeout_in_ms)",
             status="DEADLINE_EXCEEDED",
         ) from None
-    encode = functools.partial(encode_predict_response, outputs, row_format=prepared.row_format)
-    if sum(value.size for value in outputs.values()) <= _INLINE_OUTPUT_VALUES:
-        content = encode()
-    else:
-        content = await anyio.to_thread.run_sync(encode, limiter=limiter)
-    return Response(content, media_type="application/json")
+    return prepared, outputs
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

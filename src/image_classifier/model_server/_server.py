@@ -1,7 +1,9 @@
-"""Running the model server in this process: uvicorn until interrupted.
+"""Running the model server in this process: REST on uvicorn and gRPC beside it, until interrupted.
 
 The CLI's ``model-server`` command calls :func:`run_model_server`; nothing here parses
-arguments.
+arguments. The gRPC port is bound here, before anything loads, so a busy port or a refused
+``--model_config_file`` ends the command at once with one line; the app's lifespan starts
+gRPC once the models are loaded and stops it with uvicorn.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ def run_model_server(settings: ModelServerSettings | None = None, **overrides: A
     import uvicorn
 
     from image_classifier.model_server._app import create_app
+    from image_classifier.model_server._grpc import bind
+    from image_classifier.model_server._manager import check_startup_config
     from image_classifier.webserver import ConnectionLimits, uvicorn_config
 
     settings = dataclasses.replace(settings or ModelServerSettings(), **overrides)
@@ -29,8 +33,9 @@ def run_model_server(settings: ModelServerSettings | None = None, **overrides: A
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("image_classifier").setLevel(level)
+    check_startup_config(settings)
     config = uvicorn_config(
-        create_app(settings),
+        create_app(settings, grpc_server=bind(settings)),
         host=settings.host,
         port=settings.rest_api_port,
         limits=ConnectionLimits(

@@ -1,4 +1,4 @@
-"""TF Serving's REST API over a :class:`ModelManager`, independent of HTTP plumbing.
+"""TF Serving's REST API over a :class:`ModelRegistry`, independent of HTTP plumbing.
 
 The app matches the URL with :func:`image_classifier.tfserving.rest.parse_path`; the
 ``model_status`` and ``model_metadata`` functions return JSON bodies, a predict is
@@ -18,7 +18,7 @@ import numpy as np
 
 from image_classifier.constants import SERVING_DEFAULT
 from image_classifier.errors import InvalidImageError, OverloadedError
-from image_classifier.model_server._manager import LoadedVersion, ModelManager
+from image_classifier.model_server._manager import LoadedVersion, ModelRegistry
 from image_classifier.model_server._monitoring import ServerMetrics
 from image_classifier.preprocess import MAX_PIXELS, check_encoded_image
 from image_classifier.tfserving.errors import (
@@ -42,12 +42,12 @@ _METHOD_NAMES: Final = {
 }
 
 
-def model_status(manager: ModelManager, call: ApiCall) -> dict[str, Any]:
-    return status_body(manager.statuses(call.model_name, call.version))
+def model_status(manager: ModelRegistry, call: ApiCall) -> dict[str, Any]:
+    return status_body(manager.statuses(call.model_name, call.version, call.label))
 
 
-def model_metadata(manager: ModelManager, call: ApiCall) -> dict[str, Any]:
-    loaded = manager.servable(call.model_name, call.version)
+def model_metadata(manager: ModelRegistry, call: ApiCall) -> dict[str, Any]:
+    loaded = manager.servable(call.model_name, call.version, call.label)
     return {
         "model_spec": {
             "name": call.model_name,
@@ -70,7 +70,7 @@ class PreparedPredict:
 
 
 def prepare_predict(
-    manager: ModelManager,
+    manager: ModelRegistry,
     call: ApiCall,
     body: bytes,
     *,
@@ -82,7 +82,7 @@ def prepare_predict(
     document = parse_json_object(body)
     signature_name = signature_name_of(document, SERVING_DEFAULT)
     # One reference for the whole request: a version swapped in meanwhile does not affect it.
-    loaded = manager.servable(call.model_name, call.version)
+    loaded = manager.servable(call.model_name, call.version, call.label)
     signature = loaded.signature(signature_name)
     if call.kind != "predict":
         expected = _METHOD_NAMES[call.kind]

@@ -14,6 +14,7 @@ from typing import Final
 from image_classifier.constants import (
     DECODE_BUDGET_PIXELS,
     DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_GRPC_PORT,
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_HOST,
     DEFAULT_MAX_CONNECTIONS,
@@ -63,8 +64,11 @@ class ModelServerSettings:
     http_header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_S
     http_body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_S
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-    # TF Serving's --rest_api_timeout_in_ms: a predict not answered by then gets 504.
+    # TF Serving's --rest_api_timeout_in_ms: a predict not answered by then gets 504; 0: no
+    # deadline (TF Serving's meaning of a value <= 0).
     rest_api_timeout_in_ms: int = 30_000
+    # TF Serving's --rest_api_enable_cors_support: answer CORS preflights, add CORS headers.
+    rest_api_enable_cors_support: bool = False
     # --enable_batching with --batching_parameters_file, as options (None: no batching).
     batching: BatchingOptions | None = None
     # --monitoring_config_file's prometheus_config: where metrics are served (None: nowhere).
@@ -74,14 +78,44 @@ class ModelServerSettings:
     enable_model_warmup: bool = True
     # Pixels of encoded images (serving_bytes) decoded at once, and at most in one request.
     max_decoded_pixels: int = DECODE_BUDGET_PIXELS
+    # TF Serving's --port: the gRPC PredictionService and ModelService, on ``host``. 0 is
+    # allowed only with a grpc_socket_path, as in TF Serving.
+    grpc_port: int = DEFAULT_GRPC_PORT
+    grpc_socket_path: str | None = None  # --grpc_socket_path: also (or only) on a UNIX socket
+    grpc_max_threads: int = field(default_factory=_default_num_threads)  # TF Serving: 4 x CPUs
+    enable_grpc_healthcheck_service: bool = False
+    # --model_config_file (a ModelServerConfig; model_name/model_base_path are then ignored, as
+    # in TF Serving), re-read every model_config_file_poll_wait_seconds (0: never).
+    model_config_file: Path | None = None
+    model_config_file_poll_wait_seconds: float = 0.0
+    allow_version_labels_for_unavailable_models: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_base_path", Path(self.model_base_path))
+        if self.model_config_file is not None:
+            object.__setattr__(self, "model_config_file", Path(self.model_config_file))
         problems = []
         if not self.model_name or "/" in self.model_name or ":" in self.model_name:
             problems.append(f"model_name {self.model_name!r} must be non-empty, without '/' or ':'")
         if not 0 <= self.rest_api_port <= 65535:
             problems.append(f"rest_api_port {self.rest_api_port} is not a TCP port")
+        if not 0 <= self.grpc_port <= 65535:
+            problems.append(f"port {self.grpc_port} is not a TCP port")
+        elif self.grpc_port == 0 and not self.grpc_socket_path:
+            # TF Serving's own refusal (server.cc): gRPC cannot be switched off.
+            problems.append(
+                "At least one of server_options.grpc_port or server_options.grpc_socket_path "
+                "must be set."
+            )
+        elif self.grpc_port != 0 and self.grpc_port == self.rest_api_port:
+            problems.append(
+                f"rest_api_port cannot be the same as the gRPC port ({self.grpc_port}); "
+                "use a different port for the HTTP/REST API"
+            )
+        if self.model_config_file_poll_wait_seconds < 0:
+            problems.append("model_config_file_poll_wait_seconds must be >= 0")
+        if self.rest_api_timeout_in_ms < 0:
+            problems.append("rest_api_timeout_in_ms must be >= 0 (0: no deadline)")
         if self.file_system_poll_wait_seconds < 0:
             problems.append("file_system_poll_wait_seconds must be >= 0")
         if self.http_header_timeout_seconds <= 0 or self.http_body_timeout_seconds <= 0:
@@ -89,11 +123,11 @@ class ModelServerSettings:
         if self.max_decoded_pixels < MAX_PIXELS:
             problems.append(f"max_decoded_pixels must be >= {MAX_PIXELS:,} (one largest image)")
         for name in (
-            "rest_api_timeout_in_ms",
             "max_request_bytes",
             "max_batch_size",
             "rest_api_num_threads",
             "max_connections",
+            "grpc_max_threads",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")

@@ -15,19 +15,25 @@ importing this module stays cheap for code that never reads a config.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from image_classifier.errors import ConfigError
 
 __all__ = [
     "ConfigError",
+    "ModelEntry",
+    "VersionPolicy",
+    "model_entries",
     "parse_batching_parameters",
     "parse_model_server_config",
     "parse_monitoring_config",
+    "read_model_server_config",
     "read_text_proto",
     "validate_batching_parameters",
 ]
@@ -141,3 +147,99 @@ def prometheus_path(path: str | Path) -> str | None:
             f"{path}: prometheus_config.path {served!r} must start with '/' and lie outside /v1/"
         )
     return served
+
+
+# --- --model_config_file: ModelServerConfig -> the models to serve -----------------------------
+
+# TF Serving's kTensorFlowModelPlatform, the only platform this server (and TF Serving's stock
+# build) serves.
+TENSORFLOW_PLATFORM = "tensorflow"
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """A ``ModelVersionPolicy``: which of the versions under a base path are served."""
+
+    kind: Literal["latest", "all", "specific"] = "latest"
+    num_versions: int = 1  # latest only
+    versions: frozenset[int] = frozenset()  # specific only
+
+    @classmethod
+    def from_proto(cls, policy: Any) -> VersionPolicy:
+        choice = policy.WhichOneof("policy_choice")
+        if choice == "all":
+            return cls("all")
+        if choice == "specific":
+            return cls("specific", versions=frozenset(int(v) for v in policy.specific.versions))
+        # Unset is `latest`; TF Serving serves at least one version (max(num_versions, 1)).
+        return cls("latest", num_versions=max(int(policy.latest.num_versions), 1))
+
+    def aspired(self, on_disk: Sequence[int]) -> list[int]:
+        """The versions to serve, ascending, out of the ``on_disk`` ones (ascending)."""
+        if self.kind == "all":
+            return list(on_disk)
+        if self.kind == "specific":
+            return [v for v in on_disk if v in self.versions]
+        return list(on_disk[-self.num_versions :])
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One ``ModelConfig`` of a ``model_config_list``, checked."""
+
+    name: str
+    base_path: Path
+    policy: VersionPolicy = dataclasses.field(default_factory=VersionPolicy)
+    version_labels: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+def read_model_server_config(path: str | Path) -> Any:
+    """``--model_config_file`` at ``path`` as a ``ModelServerConfig`` (ConfigError otherwise)."""
+    return read_text_proto(path, parse_model_server_config)
+
+
+def model_entries(config: Any) -> list[ModelEntry]:
+    """The models of a ``ModelServerConfig``, refused with TF Serving's words where it refuses.
+
+    Its checks (server_core.cc): only a ``model_config_list`` (a ``custom_model_config`` needs a
+    custom build), each name once, absolute base paths, a platform this server has. An empty
+    config is no models. Raises :class:`ConfigError` with TF Serving's message.
+    """
+    choice = config.WhichOneof("config")
+    if choice is None:
+        return []
+    if choice != "model_config_list":
+        raise ConfigError("ModelServer does not yet support custom model config.")
+    entries: list[ModelEntry] = []
+    seen: set[str] = set()
+    for model in config.model_config_list.config:
+        if model.name in seen:
+            raise ConfigError(f"Illegal to list model {model.name} multiple times in config list")
+        seen.add(model.name)
+        # URLs and ModelSpecs name a model; one without a name could never be asked for.
+        if not model.name or "/" in model.name or ":" in model.name:
+            raise ConfigError(f"Model name {model.name!r} must be non-empty, without '/' or ':'")
+        if not Path(model.base_path).is_absolute():
+            raise ConfigError(
+                f"Expected model {model.name} to have an absolute path or URI; "
+                f"got base_path()={model.base_path}"
+            )
+        platform = model.model_platform
+        if not platform and model.model_type == 1:  # deprecated model_type: TENSORFLOW
+            platform = TENSORFLOW_PLATFORM
+        if not platform:
+            raise ConfigError(
+                "Illegal setting neither ModelServerConfig::model_type (deprecated) nor "
+                f"ModelServerConfig::model_platform, model name is {model.name}"
+            )
+        if platform != TENSORFLOW_PLATFORM:
+            raise ConfigError(f"Model {model.name} requests unsupported platform {platform}")
+        entries.append(
+            ModelEntry(
+                name=model.name,
+                base_path=Path(model.base_path),
+                policy=VersionPolicy.from_proto(model.model_version_policy),
+                version_labels={label: int(v) for label, v in sorted(model.version_labels.items())},
+            )
+        )
+    return entries

@@ -105,6 +105,11 @@ _FUNCTION_NODE = re.compile(r"\{\{function_node [^}]*\}\}\s*")
 _NODE_SUFFIX = re.compile(r"\s*(\[\[\{\{node [^\]]*\]\]|\[Op:[^\]]*\])")
 
 
+def code_number(status: str) -> int:
+    """A canonical status name's number (``NOT_FOUND`` -> 5), as gRPC and StatusProto carry it."""
+    return _CODE_NAMES.index(status) if status in _CODE_NAMES else _CODE_NAMES.index("UNKNOWN")
+
+
 def from_tf_error(exc: BaseException) -> ServingError:
     """A ``tf.errors.OpError`` -> the :class:`ServingError` with the same canonical code."""
     code = getattr(exc, "error_code", 2)

@@ -10,11 +10,13 @@ tensor | {name: tensor}}`` (columnar). Strings may be ``{"b64": "..."}``. Respon
 ``{"predictions": [...]}`` or ``{"outputs": ...}``, a lone output without its name, several as
 an object; float32 values written as their shortest round-trip decimals, like TF Serving.
 
-Type rules follow TF Serving: a float tensor takes JSON numbers (not ``true``, not ``"1.5"``),
-an integer tensor JSON integers, a bool tensor ``true``/``false``, a string tensor strings or
-b64 objects. Beyond TF Serving, values are checked against the signature's shape and must be
-finite, and batches are capped, so every bad request is a 400 here instead of an error deep in
-the graph.
+Type rules follow TF Serving (2.5 and later): a float tensor takes JSON numbers (not ``true``,
+not ``"1.5"``), each rounded to the nearest float, so a literal beyond float32's range becomes
++/-inf; ``NaN``, ``Infinity`` and ``-Infinity`` are accepted (its parser runs with
+``kParseNanAndInfFlag``) and written back the same way. An integer tensor takes JSON integers, a
+bool tensor ``true``/``false``, a string tensor strings or b64 objects. Beyond TF Serving, values
+are checked against the signature's shape and batches are capped, so every bad request is a 400
+here instead of an error deep in the graph.
 
 Conversion is vectorised (``np.asarray`` on the parsed lists); the slow element-by-element walk
 only runs to explain an error, or when the body contains ``true``/``false`` at all (NumPy would
@@ -200,64 +202,58 @@ class _Converter:
         if info.dtype == "DT_STRING":
             array = _string_tensor(value, info, where, rows=rows)
         elif info.dtype in NUMPY_DTYPES:
-            array = self._numeric_tensor(value, info, where, rows=rows)
+            array = numeric_tensor(value, info, where, rows=rows, check_bools=self.check_bools)
         else:
             raise UnimplementedError(f"Conversion of JSON values to type: {info.dtype}")
         return array
 
-    def _numeric_tensor(
-        self, value: Any, info: TensorInfo, where: str, *, rows: bool
-    ) -> np.ndarray:
-        target = NUMPY_DTYPES[info.dtype]
-        accepts = _leaf_check(target)
+
+def numeric_tensor(
+    value: Any, info: TensorInfo, where: str, *, rows: bool = False, check_bools: bool = True
+) -> np.ndarray:
+    """Nested JSON lists of numbers (or booleans) -> an array of ``info``'s dtype, TF's rules.
+
+    ``where`` starts each message; ``rows`` words ragged and type errors per instance;
+    ``check_bools=False`` (the raw body has no ``true``/``false``) skips the element walk that
+    catches booleans NumPy would otherwise coerce to numbers.
+    """
+    target = NUMPY_DTYPES[info.dtype]
+    accepts = _leaf_check(target)
+    try:
+        raw = np.asarray(value)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise InvalidArgumentError(_ragged_message(value, where, rows=rows)) from None
+    allowed = {"b": "b", "i": "iu", "u": "iu", "f": "fiu"}[target.kind]
+    if raw.dtype.kind not in allowed or (check_bools and target.kind != "b"):
+        bad = _first_bad_leaf(value, accepts)
+        if bad is not _NO_LEAF:
+            raise InvalidArgumentError(_type_message(value, bad, info, where, rows=rows))
+    if raw.dtype.kind not in allowed:
+        # Every leaf has the right JSON type, yet NumPy made objects: integers beyond 64 bits.
         try:
-            raw = np.asarray(value)
-        except (ValueError, TypeError, OverflowError, RecursionError):
+            raw = np.asarray(value, dtype=np.float64 if target.kind == "f" else object)
+        except OverflowError:  # an integer literal beyond double's range (rapidjson refuses it)
+            raise InvalidArgumentError(
+                f"{where}: a JSON number is too big to be stored in double"
+            ) from None
+        except (ValueError, TypeError):
             raise InvalidArgumentError(_ragged_message(value, where, rows=rows)) from None
-        allowed = {"b": "b", "i": "iu", "u": "iu", "f": "fiu"}[target.kind]
-        if raw.dtype.kind not in allowed or (self.check_bools and target.kind != "b"):
-            bad = _first_bad_leaf(value, accepts)
-            if bad is not _NO_LEAF:
-                raise InvalidArgumentError(_type_message(value, bad, info, where, rows=rows))
-        if raw.dtype.kind not in allowed:
-            # Every leaf has the right JSON type, yet NumPy made objects: integers beyond 64 bits.
-            try:
-                raw = np.asarray(value, dtype=np.float64 if target.kind == "f" else object)
-            except (ValueError, TypeError, OverflowError):
-                raise InvalidArgumentError(_ragged_message(value, where, rows=rows)) from None
-            if raw.dtype == object:
-                raise InvalidArgumentError(
-                    f"{where}: a value does not fit in {info.type_name} without loss of precision"
-                )
-        return _cast(raw, target, info, where)
+        if raw.dtype == object:
+            raise InvalidArgumentError(
+                f"{where}: a value does not fit in {info.type_name} without loss of precision"
+            )
+    return _cast(raw, target, info, where)
 
 
 def _cast(raw: np.ndarray, target: np.dtype[Any], info: TensorInfo, where: str) -> np.ndarray:
-    if target.kind == "f" and raw.size:
-        if raw.dtype.kind == "f":
-            finite = np.isfinite(raw)
-            if not finite.all():
-                bad = raw[~finite].flat[0]
-                raise InvalidArgumentError(
-                    f"{where}: JSON value {_number_text(bad)} is not finite; "
-                    f"{info.type_name} inputs must be finite numbers"
-                )
-            largest = np.abs(raw).max()
-            if largest > np.finfo(target).max:
-                raise InvalidArgumentError(
-                    f"Cannot convert JSON value: {_number_text(largest)} to {info.type_name} "
-                    "without loss of precision."
-                )
-        else:
-            # TF Serving's rule: an integer becomes a float only if the float holds it exactly.
-            limit = (1 << np.finfo(target).nmant + 1) - 1
-            largest = np.abs(raw.astype(np.float64)).max()
-            if largest > limit:
-                raise InvalidArgumentError(
-                    f"Cannot convert JSON value: {int(largest)} to {info.type_name} "
-                    "without loss of precision."
-                )
-    elif target.kind in "iu" and raw.size:
+    if target.kind == "f":
+        # TF Serving (since 2.5) stores any JSON number as the nearest float: rounded, and
+        # +/-inf beyond the type's range; NaN and infinities pass through. NumPy's cast does
+        # exactly that; only its overflow warning is silenced. No pass over the values here:
+        # this is the hot path of every image request.
+        with np.errstate(over="ignore"):
+            return raw.astype(target, copy=False)
+    if target.kind in "iu" and raw.size:
         bounds = np.iinfo(target)
         low, high = raw.min(), raw.max()
         if low < bounds.min or high > bounds.max:
@@ -576,12 +572,3 @@ def _preview(value: Any, limit: int = 80) -> str:
     except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _number_text(value: Any) -> str:
-    number = float(value)
-    if np.isnan(number):
-        return "NaN"
-    if np.isinf(number):
-        return "-Infinity" if number < 0 else "Infinity"
-    return repr(number)

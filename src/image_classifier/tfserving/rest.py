@@ -33,6 +33,7 @@ class ApiCall:
     kind: ApiKind
     model_name: str
     version: int | None
+    label: str | None = None  # /labels/L: a version label of the --model_config_file
 
 
 def parse_path(method: str, path: str) -> ApiCall:
@@ -40,19 +41,17 @@ def parse_path(method: str, path: str) -> ApiCall:
     if method == "POST" and (match := _PREDICTION_RE.fullmatch(path)):
         name, version_text, label, verb = match.groups()
         kind = cast(ApiKind, verb.lower())  # the regex admits only these verbs
-        return ApiCall(kind, name, _version(version_text, label))
+        return ApiCall(kind, name, _version(version_text), label)
     if method == "GET" and (match := _STATUS_RE.fullmatch(path)):
         name, version_text, label, subresource = match.groups()
         if not name:
             raise InvalidArgumentError("Missing model name in request.")
-        return ApiCall("metadata" if subresource else "status", name, _version(version_text, label))
+        kind = "metadata" if subresource else "status"
+        return ApiCall(kind, name, _version(version_text), label)
     raise InvalidArgumentError(f"Malformed request: {method} {path}")
 
 
-def _version(text: str | None, label: str | None) -> int | None:
-    if label is not None:
-        # Labels come from a --model_config_file, which this server does not read.
-        raise InvalidArgumentError(f"Unrecognized servable version label: {label}")
+def _version(text: str | None) -> int | None:
     if text is None:
         return None
     version = int(text)
@@ -61,12 +60,18 @@ def _version(text: str | None, label: str | None) -> int | None:
     return version
 
 
-def model_path(model_name: str, version: int | str | None = None) -> str:
-    """``/v1/models/NAME`` or ``/v1/models/NAME/versions/N`` (status; append ``/metadata``)."""
+def model_path(
+    model_name: str, version: int | str | None = None, *, label: str | None = None
+) -> str:
+    """``/v1/models/NAME[/versions/N | /labels/L]`` (status; append ``/metadata``)."""
     path = f"/v1/models/{model_name}"
+    if label is not None:
+        return f"{path}/labels/{label}"
     return f"{path}/versions/{version}" if version is not None else path
 
 
-def predict_path(model_name: str, version: int | str | None = None) -> str:
-    """``/v1/models/NAME[/versions/N]:predict``."""
-    return f"{model_path(model_name, version)}:predict"
+def predict_path(
+    model_name: str, version: int | str | None = None, *, label: str | None = None
+) -> str:
+    """``/v1/models/NAME[/versions/N | /labels/L]:predict``."""
+    return f"{model_path(model_name, version, label=label)}:predict"

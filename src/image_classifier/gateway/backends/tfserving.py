@@ -189,13 +189,17 @@ class TFServingBackend(Backend):
         raise AssertionError("unreachable")
 
     async def status(self) -> ModelStatus:
+        label = self.settings.model_version_label
         try:
             async with self._observed("status"):
-                response = await self._send("GET", model_path(self.model_name))
-                if response.status_code == 404:
+                response = await self._send("GET", model_path(self.model_name, label=label))
+                # 400 with a label: an unknown label (the embedded server resolves it here).
+                if response.status_code == 404 or (label and response.status_code == 400):
                     status = ModelStatus(self.model_name, None, NOT_FOUND, _tf_error(response))
                 elif response.status_code != 200:
                     raise _error_for(response)
+                elif label is not None:
+                    status = await self._label_status(label, _json(response))
                 else:
                     status = _model_status(self.model_name, _json(response))
         except BackendError as exc:
@@ -203,6 +207,21 @@ class TFServingBackend(Backend):
             raise
         self._record(status)
         return status
+
+    async def _label_status(self, label: str, body: dict[str, Any]) -> ModelStatus:
+        """The labelled version's status (TF Serving's status answer lists every version
+        whatever the label; its metadata answer names the labelled one)."""
+        response = await self._send("GET", f"{model_path(self.model_name, label=label)}/metadata")
+        if response.status_code in (400, 404):  # an unknown label, or its version is gone
+            return ModelStatus(self.model_name, None, NOT_FOUND, _tf_error(response))
+        if response.status_code != 200:
+            raise _error_for(response)
+        spec = _json(response).get("model_spec")
+        version = str(spec.get("version", "")) if isinstance(spec, dict) else ""
+        for entry in parse_status_body(body):
+            if str(entry.version) == version:
+                return ModelStatus(self.model_name, version, entry.state, entry.error_message)
+        return ModelStatus(self.model_name, None, UNKNOWN, f"label {label}: no version status")
 
     async def _serving_version(self, *, refresh: bool = False) -> str:
         """The version to pin predictions to, from :attr:`health` while it is fresh.
@@ -249,6 +268,7 @@ class TFServingBackend(Backend):
 
     async def predict(self, images: np.ndarray) -> BackendPrediction:
         n = len(images)
+        label = self.settings.model_version_label  # set: the label's version answers
         async with self._observed("predict"):
             version = await self._serving_version()
             # Pinning the version makes the reported version the one that computed the answer,
@@ -256,14 +276,14 @@ class TFServingBackend(Backend):
             try:
                 content = await self._body_for(version, images)
                 response = await self._send(
-                    "POST", predict_path(self.model_name, version), content=content
+                    "POST", predict_path(self.model_name, version, label=label), content=content
                 )
                 if response.status_code == 404:
                     # That version was unloaded since we looked: ask again, try the new one once.
                     version = await self._serving_version(refresh=True)
                     content = await self._body_for(version, images)
                     response = await self._send(
-                        "POST", predict_path(self.model_name, version), content=content
+                        "POST", predict_path(self.model_name, version, label=label), content=content
                     )
             except BackendUnavailableError as exc:
                 self._record_failure(exc)
