@@ -105,26 +105,50 @@ def test_the_shipped_version_speaks_the_compact_wire_and_has_warmup_data() -> No
 
 
 @pytest.mark.slow
-def test_every_shipped_version_serves_the_first_versions_weights() -> None:
-    # Later versions are re-exports (new signatures, calibration; the same weights): the
-    # uncalibrated ones answer exactly as the first, the calibrated ones softmax(logits / T) of
-    # the first version's weights.
+def test_every_reexported_version_serves_its_sources_weights() -> None:
+    # A re-export (new signatures, calibration) keeps the weights of the trained version it came
+    # from: an uncalibrated one answers exactly as that version, a calibrated one
+    # softmax(logits / T) of its weights.
     from image_classifier.calibration import softmax
     from image_classifier.export import read_weights, serving_logits
     from image_classifier.model import ModelConfig, build_model
     from image_classifier.servable import list_versions, load_servable
 
     images = np.random.default_rng(3).random((16, 32, 32, 3), dtype=np.float32)
-    versions = list_versions(BASE)
-    first = load_servable(BASE, versions[0])
-    model = build_model(ModelConfig.from_dict(first.metadata["model_config"]))
-    read_weights(model, first.path)
-    logits = np.asarray(serving_logits(model, images, flip_tta=True))
+    servables = {version: load_servable(BASE, version) for version in list_versions(BASE)}
+
+    def trained_root(version: int) -> int:
+        source = servables[version].metadata.get("reexported_from")
+        return version if source is None else trained_root(int(source))
+
+    reexports = [v for v in servables if servables[v].metadata.get("reexported_from") is not None]
+    assert reexports, "no re-exported version to check"
     calibrated = 0
-    for version in versions[1:]:
-        servable = load_servable(BASE, version)
-        temperature = servable.metadata.get("temperature")
-        expected = first.predict(images) if temperature is None else softmax(logits, temperature)
-        np.testing.assert_allclose(servable.predict(images), expected, rtol=0, atol=1e-6)
+    for version in reexports:
+        root = servables[trained_root(version)]
+        model = build_model(ModelConfig.from_dict(root.metadata["model_config"]))
+        read_weights(model, root.path)
+        temperature = servables[version].metadata.get("temperature")
+        if temperature is None:
+            expected = root.predict(images)
+        else:
+            logits = np.asarray(serving_logits(model, images, flip_tta=True))
+            expected = softmax(logits, temperature)
+        np.testing.assert_allclose(servables[version].predict(images), expected, rtol=0, atol=1e-6)
         calibrated += temperature is not None
     assert calibrated >= 1
+
+
+def test_the_readme_recipe_file_is_the_shipped_versions_recipe() -> None:
+    # README's one training command uses configs/cifar10_tcn.json: it must reproduce what ships.
+    from image_classifier.train import load_configs
+
+    card = json.loads((SHIPPED / METADATA_FILE).read_text())
+    model_config, train_config = load_configs(ROOT / "configs" / "cifar10_tcn.json")
+    for key, value in vars(train_config).items():
+        if key != "verbose":
+            assert card["training"][key] == value, key
+    for key, value in model_config.to_dict().items():
+        if key not in ("mean", "std"):  # measured on the training images at train time
+            expected = list(value) if isinstance(value, tuple) else value
+            assert card["model_config"][key] == expected, key

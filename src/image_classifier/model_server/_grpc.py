@@ -38,15 +38,13 @@ from image_classifier.model_server._settings import ModelServerSettings
 from image_classifier.preprocess import MAX_PIXELS
 from image_classifier.tfserving.config import model_entries
 from image_classifier.tfserving.errors import InvalidArgumentError, ServingError, code_number
+from image_classifier.tfserving.signatures import CLASSIFY_METHOD, PREDICT_METHOD, REGRESS_METHOD
 from image_classifier.webserver import DecodeBudget
 
 logger = logging.getLogger("image_classifier.model_server")
 
 # tensorflow_serving/model_servers/grpc_status_util.cc
 _ERROR_MESSAGE_LIMIT: Final = 1024
-_PREDICT_METHOD: Final = "tensorflow/serving/predict"
-_CLASSIFY_METHOD: Final = "tensorflow/serving/classify"
-_REGRESS_METHOD: Final = "tensorflow/serving/regress"
 # The health service names TF Serving registers (server.cc), besides the server-wide "".
 HEALTH_SERVICES: Final = ("", "ModelService", "PredictionService")
 _STOP_GRACE_SECONDS: Final = 5.0
@@ -245,10 +243,10 @@ def _prediction_servicer(serving: Serving) -> Any:
                 f'Serving signature key "{signature_name}" not found.',
                 status="FAILED_PRECONDITION",
             )
-        if signature.method_name not in (_PREDICT_METHOD, _CLASSIFY_METHOD, _REGRESS_METHOD):
+        if signature.method_name not in (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
             raise ServingError(
                 "Expected prediction signature method_name to be one of "
-                f"{{{_PREDICT_METHOD}, {_CLASSIFY_METHOD}, {_REGRESS_METHOD}}}. "
+                f"{{{PREDICT_METHOD}, {CLASSIFY_METHOD}, {REGRESS_METHOD}}}. "
                 f"Was: {signature.method_name}",
                 status="INTERNAL",
             )
@@ -315,8 +313,8 @@ def _prediction_servicer(serving: Serving) -> Any:
 
         return handle
 
-    classify = unsupported("classification", _CLASSIFY_METHOD)
-    regress = unsupported("regression", _REGRESS_METHOD)
+    classify = unsupported("classification", CLASSIFY_METHOD)
+    regress = unsupported("regression", REGRESS_METHOD)
 
     def multi_inference(request: Any, context: Any) -> Any:
         tasks = list(request.tasks)
@@ -340,7 +338,7 @@ def _prediction_servicer(serving: Serving) -> Any:
             signature = loaded.signatures.get(name)
             if signature is None:
                 raise InvalidArgumentError(f"Requested signature not found in model graph: {name}")
-            kinds = {_CLASSIFY_METHOD: "classification", _REGRESS_METHOD: "regression"}
+            kinds = {CLASSIFY_METHOD: "classification", REGRESS_METHOD: "regression"}
             if task.method_name not in kinds:
                 raise ServingError(
                     f"Unsupported signature method_name: {task.method_name}",

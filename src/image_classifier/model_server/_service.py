@@ -33,13 +33,11 @@ from image_classifier.tfserving.json_tensor import (
     signature_name_of,
 )
 from image_classifier.tfserving.rest import ApiCall
+from image_classifier.tfserving.signatures import CLASSIFY_METHOD, REGRESS_METHOD
 from image_classifier.tfserving.status import status_body
 from image_classifier.webserver import DecodeBudget
 
-_METHOD_NAMES: Final = {
-    "classify": "tensorflow/serving/classify",
-    "regress": "tensorflow/serving/regress",
-}
+_METHOD_NAMES: Final = {"classify": CLASSIFY_METHOD, "regress": REGRESS_METHOD}
 
 
 def model_status(manager: ModelRegistry, call: ApiCall) -> dict[str, Any]:

@@ -19,6 +19,11 @@ from image_classifier.errors import ModelNotFoundError
 
 SERVE_TAG: Final = "serve"
 
+# A SignatureDef's method_name: what TF Serving's Predict, Classify and Regress APIs accept.
+PREDICT_METHOD: Final = "tensorflow/serving/predict"
+CLASSIFY_METHOD: Final = "tensorflow/serving/classify"
+REGRESS_METHOD: Final = "tensorflow/serving/regress"
+
 # DataType enum names -> NumPy dtypes the JSON codec can fill. Others are refused at request time.
 NUMPY_DTYPES: Final[dict[str, np.dtype[Any]]] = {
     "DT_HALF": np.dtype(np.float16),
