@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -70,3 +73,29 @@ def server_in_thread(server: Any, timeout: float = 30.0) -> Iterator[Any]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def spawn_serve(*args: str, output: list[str], timeout: float = 180.0) -> subprocess.Popen[str]:
+    """``image-classifier serve ARGS`` as a process, once its banner says it is up.
+
+    Its stdout and stderr lines are appended to ``output`` as they come (the caller keeps the
+    list, to read or to show on failure); the caller stops the process.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "image_classifier", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    stream = process.stdout
+    assert stream is not None
+    threading.Thread(target=lambda: output.extend(stream), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while "Press Ctrl-C" not in "".join(output):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise AssertionError("serve did not come up:\n" + "".join(output))
+        time.sleep(0.1)
+    return process

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from servers import spawn_serve
 
 Pictures = dict[str, tuple[str, bytes, str]]
 
@@ -47,11 +48,6 @@ class Service:
         return int(pids[-1])
 
 
-def _collect(stream: io.TextIOBase, sink: list[str]) -> None:
-    for line in stream:
-        sink.append(line)
-
-
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, service: Service) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -71,30 +67,15 @@ def service(
     base = tmp_path_factory.mktemp("serve") / "image_classifier"
     shutil.copytree(gateway_model_base_path, base)
     port, model_port = gateway_free_port(), gateway_free_port()
-    process = subprocess.Popen(
-        [
-            *SERVE,
-            "--port",
-            str(port),
-            "--model-port",
-            str(model_port),
-            "--model-grpc-port",
-            str(gateway_free_port()),
-            "--model-base-path",
-            str(base),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    output: list[str] = []
+    process = spawn_serve(
+        *("--port", str(port), "--model-port", str(model_port)),
+        *("--model-grpc-port", str(gateway_free_port()), "--model-base-path", str(base)),
+        *("--log-level", "warning"),
+        output=output,
     )
-    running = Service(process, f"http://127.0.0.1:{port}", model_port)
-    assert process.stdout is not None
-    threading.Thread(target=_collect, args=(process.stdout, running.output), daemon=True).start()
+    running = Service(process, f"http://127.0.0.1:{port}", model_port, output)
     try:
-        _wait_for(lambda: "Press Ctrl-C" in running.text(), 180, "the banner", running)
         yield running
     finally:
         if process.poll() is None:

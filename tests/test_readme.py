@@ -9,13 +9,13 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from servers import spawn_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -74,38 +74,10 @@ def test_readme_commands_name_only_shipped_pictures() -> None:
 def serving(gateway_free_port: Callable[[], int]) -> Iterator[dict[str, str]]:
     """``image-classifier serve`` with the shipped model; the URLs README's commands use."""
     port, model_port = gateway_free_port(), gateway_free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "image_classifier",
-            "serve",
-            "--port",
-            str(port),
-            "--model-port",
-            str(model_port),
-            "--model-grpc-port",
-            str(gateway_free_port()),
-            "--model-base-path",
-            str(SHIPPED),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    output: list[str] = []
-    assert process.stdout is not None
-    stream = process.stdout
-    threading.Thread(target=lambda: output.extend(stream), daemon=True).start()
+    flags = ["--port", str(port), "--model-port", str(model_port)]
+    flags += ["--model-grpc-port", str(gateway_free_port()), "--model-base-path", str(SHIPPED)]
+    process = spawn_serve(*flags, "--log-level", "warning", output=[])
     try:
-        deadline = time.monotonic() + 180
-        while "Press Ctrl-C" not in "".join(output):
-            assert process.poll() is None, "".join(output)
-            assert time.monotonic() < deadline, "".join(output)
-            time.sleep(0.1)
         yield {"gateway": str(port), "model": str(model_port)}
     finally:
         process.terminate()

@@ -215,20 +215,9 @@ async def _v1(request: Request) -> Response:
     if call.kind in ("status", "metadata"):
         return await _answer(request, call)
     # Predictions are counted and timed under TF Serving's metric names, errors included.
-    started = time.perf_counter()
-    status = "OK"
-    try:
+    metrics: ServerMetrics = request.app.state.metrics
+    with metrics.timed_request(call.model_name, call.kind.capitalize(), "REST"):
         return await _answer(request, call)
-    except ServingError as exc:
-        status = exc.status
-        raise
-    except Exception:
-        status = "INTERNAL"
-        raise
-    finally:
-        metrics: ServerMetrics = request.app.state.metrics
-        micros = (time.perf_counter() - started) * 1e6
-        metrics.observe_request(call.model_name, status, call.kind.capitalize(), "REST", micros)
 
 
 async def _answer(request: Request, call: ApiCall) -> Response:

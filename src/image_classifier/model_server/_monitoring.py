@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -30,6 +32,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from image_classifier.model_server._batching import BatchObserver
+from image_classifier.tfserving.errors import ServingError
 
 
 def _exponential(scale: float, growth: float, count: int) -> tuple[float, ...]:
@@ -88,6 +91,24 @@ class ServerMetrics(BatchObserver, Collector):
                 (model_name, api, entrypoint), _Histogram(LATENCY_BUCKETS)
             )
             histogram.observe(micros)
+
+    @contextmanager
+    def timed_request(self, model_name: str, api: str, entrypoint: str) -> Iterator[None]:
+        """Count and time the request in the block under TF Serving's names, errors included
+        (a :class:`ServingError` by its canonical status, anything else as INTERNAL)."""
+        started = time.perf_counter()
+        status = "OK"
+        try:
+            yield
+        except ServingError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            micros = (time.perf_counter() - started) * 1e6
+            self.observe_request(model_name, status, api, entrypoint, micros)
 
     def observe_runtime(self, model_name: str, api: str, micros: float) -> None:
         with self._lock:

@@ -9,7 +9,6 @@ wire format itself is :mod:`image_classifier.kserve_v2`.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Final
@@ -26,7 +25,7 @@ from image_classifier.model_server._manager import ModelRegistry
 from image_classifier.model_server._monitoring import ServerMetrics
 from image_classifier.model_server._service import PreparedPredict
 from image_classifier.preprocess import MAX_PIXELS
-from image_classifier.tfserving.errors import NotFoundError, ServingError
+from image_classifier.tfserving.errors import NotFoundError
 from image_classifier.tfserving.status import AVAILABLE
 from image_classifier.webserver import SafeJSONResponse
 
@@ -130,19 +129,8 @@ async def _infer(
 ) -> Response:
     # Counted and timed like a v1 predict, errors included.
     metrics: ServerMetrics = request.app.state.metrics
-    started = time.perf_counter()
-    status = "OK"
-    try:
+    with metrics.timed_request(model_name, "Predict", "REST"):
         return await _answer_infer(request, model_name, version, read_body=read_body, run=run)
-    except ServingError as exc:
-        status = exc.status
-        raise
-    except Exception:
-        status = "INTERNAL"
-        raise
-    finally:
-        micros = (time.perf_counter() - started) * 1e6
-        metrics.observe_request(model_name, status, "Predict", "REST", micros)
 
 
 async def _answer_infer(
