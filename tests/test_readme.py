@@ -76,8 +76,13 @@ def serving(gateway_free_port: Callable[[], int]) -> Iterator[dict[str, str]]:
     port, model_port = gateway_free_port(), gateway_free_port()
     flags = ["--port", str(port), "--model-port", str(model_port)]
     flags += ["--model-grpc-port", str(gateway_free_port()), "--model-base-path", str(SHIPPED)]
-    process = spawn_serve(*flags, "--log-level", "warning", output=[])
+    # The default log level, as a user starts it: start-up must be quiet as well as working.
+    output: list[str] = []
+    process = spawn_serve(*flags, output=output)
     try:
+        startup = "".join(output)
+        for noise in ("oneDNN", "cpu_feature_guard", "absl::InitializeLog", "httpx"):
+            assert noise not in startup, f"{noise!r} at start-up:\n{startup}"
         yield {"gateway": str(port), "model": str(model_port)}
     finally:
         process.terminate()

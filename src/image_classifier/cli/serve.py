@@ -129,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     from image_classifier.supervisor import ModelServerProcess, check_port_free
 
     logging.basicConfig(level=args.log_level.upper(), format=PLAIN_LOG_FORMAT)
+    if args.log_level != "debug":
+        # httpx logs every request at INFO, here each readiness check of the model server.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     base_path = Path(args.model_base_path)
     try:
         version_dir = resolve_version_dir(base_path)
