@@ -18,7 +18,11 @@ from image_classifier.gateway.errors import BackendTimeoutError
 
 
 class SlowBackend(Backend):
-    """Answers class ``mean red level // 26`` for each image, after a pause; records calls."""
+    """Answers class ``mean red level // 26`` for each image, after a pause; records calls.
+
+    The first call also waits for ``release``, so a test decides what arrives meanwhile
+    instead of racing a timer (on a loaded machine parsing 7 uploads can outlast any pause).
+    """
 
     kind = "tfserving"
 
@@ -26,12 +30,15 @@ class SlowBackend(Backend):
         super().__init__(settings)
         self.calls: list[int] = []
         self.fail = fail
+        self.release = asyncio.Event()
 
     async def status(self) -> ModelStatus:
         return ModelStatus(self.model_name, "3", "AVAILABLE")
 
     async def predict(self, images: np.ndarray) -> BackendPrediction:
         self.calls.append(len(images))
+        if len(self.calls) == 1:
+            await self.release.wait()
         await asyncio.sleep(0.2)
         if self.fail:
             raise BackendTimeoutError("the model did not answer")
@@ -55,7 +62,9 @@ def _png(red: int) -> bytes:
     return buffer.getvalue()
 
 
-async def _upload_all(app: Any, reds: list[int]) -> tuple[list[httpx.Response], str]:
+async def _upload_all(
+    app: Any, backend: SlowBackend, reds: list[int]
+) -> tuple[list[httpx.Response], str]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
 
@@ -64,10 +73,19 @@ async def _upload_all(app: Any, reds: list[int]) -> tuple[list[httpx.Response], 
             return await client.post("/predict-image", files=files)
 
         first = asyncio.create_task(one(reds[0]))
-        await asyncio.sleep(0.05)  # the first call is in flight; the rest arrive meanwhile
-        rest = await asyncio.gather(*(one(red) for red in reds[1:]))
+        while not backend.calls:  # the first call is in flight (and held)...
+            await asyncio.sleep(0.005)
+        rest = [asyncio.create_task(one(red)) for red in reds[1:]]
+        # ...until every other upload has reached the coalescer or a call of its own.
+        coalescer = app.state.pipeline.coalescer
+        for _ in range(2000):
+            if coalescer.pending_images + sum(backend.calls[1:]) >= len(reds) - 1:
+                break
+            await asyncio.sleep(0.005)
+        backend.release.set()
+        answers = [await first, *await asyncio.gather(*rest)]
         metrics = (await client.get("/metrics")).text
-        return [await first, *rest], metrics
+        return answers, metrics
 
 
 def _run(settings: GatewaySettings, backend: SlowBackend, reds: list[int]) -> Any:
@@ -75,7 +93,7 @@ def _run(settings: GatewaySettings, backend: SlowBackend, reds: list[int]) -> An
 
     async def main() -> tuple[list[httpx.Response], str]:
         async with app.router.lifespan_context(app):
-            return await _upload_all(app, reds)
+            return await _upload_all(app, backend, reds)
 
     return asyncio.run(main())
 

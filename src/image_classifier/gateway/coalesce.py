@@ -46,6 +46,11 @@ class Coalescer:
         self._pending: list[_Part] = []
         self._in_flight = 0
 
+    @property
+    def pending_images(self) -> int:
+        """Images waiting for a free call slot: the queue depth, 0 when idle."""
+        return sum(len(part.images) for part in self._pending)
+
     async def predict(self, images: np.ndarray) -> BackendPrediction:
         if self.max_batch_size <= 1:
             return await self._call([images])
