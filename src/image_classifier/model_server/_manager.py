@@ -460,18 +460,30 @@ class ModelRegistry:
         return labels
 
 
-def _same_settings_as(manager: ModelManager) -> ManagerFactory:
+def _manager_factory(
+    max_num_load_retries: int,
+    load_retry_interval_seconds: float,
+    loader: Callable[[Path], LoadedVersion],
+) -> ManagerFactory:
+    """Managers for config entries, all with the same load retries and loader."""
+
     def make(entry: ModelEntry) -> ModelManager:
         return ModelManager(
             entry.name,
             entry.base_path,
             policy=entry.policy,
-            max_num_load_retries=manager.max_num_load_retries,
-            load_retry_interval_seconds=manager.load_retry_interval_seconds,
-            loader=manager._loader,
+            max_num_load_retries=max_num_load_retries,
+            load_retry_interval_seconds=load_retry_interval_seconds,
+            loader=loader,
         )
 
     return make
+
+
+def _same_settings_as(manager: ModelManager) -> ManagerFactory:
+    return _manager_factory(
+        manager.max_num_load_retries, manager.load_retry_interval_seconds, manager._loader
+    )
 
 
 # --- building the registry from the command line -------------------------------------------------
@@ -479,17 +491,11 @@ def _same_settings_as(manager: ModelManager) -> ManagerFactory:
 
 def build_registry(settings: ModelServerSettings) -> ModelRegistry:
     """The registry the flags describe; nothing is loaded yet (see :func:`load_models`)."""
-    loader = functools.partial(load_version, warmup=settings.enable_model_warmup)
-
-    def make(entry: ModelEntry) -> ModelManager:
-        return ModelManager(
-            entry.name,
-            entry.base_path,
-            policy=entry.policy,
-            max_num_load_retries=settings.max_num_load_retries,
-            load_retry_interval_seconds=settings.load_retry_interval_seconds,
-            loader=loader,
-        )
+    make = _manager_factory(
+        settings.max_num_load_retries,
+        settings.load_retry_interval_seconds,
+        functools.partial(load_version, warmup=settings.enable_model_warmup),
+    )
 
     if settings.model_config_file is None:
         return ModelRegistry.single(
