@@ -157,6 +157,9 @@ def test_train_then_evaluate_from_the_command_line(
     card = json.loads((models / "1" / "metadata.json").read_text())
     assert card["model_config"]["tcn_filters"] == 16
     assert card["test_time_augmentation"] == "none"
+    arch = card["architecture"]
+    assert sum(arch["parameters_by_part"].values()) == arch["parameters"]
+    assert arch["parameters_by_part"]["tcn"] > 0 and arch["flops_by_part"]["tcn"] > 0
 
     assert main(["evaluate", "--model-dir", str(models), *common]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -251,3 +254,12 @@ def test_every_argument_of_every_command_has_help_text() -> None:
         if not isinstance(action, argparse._HelpAction) and not action.help
     ]
     assert missing == []
+
+
+def test_train_no_tcn_builds_the_ablation() -> None:
+    from image_classifier.cli import build_parser
+    from image_classifier.cli.train import _MODEL_FLAGS, _given
+
+    args = build_parser().parse_args(["train", "--no-tcn"])
+    assert _given(args, _MODEL_FLAGS) == {"tcn": False}
+    assert "tcn" not in _given(build_parser().parse_args(["train"]), _MODEL_FLAGS)

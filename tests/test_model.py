@@ -12,6 +12,8 @@ from image_classifier.model import (  # noqa: E402
     ModelConfig,
     build_model,
     count_flops,
+    flops_by_part,
+    parameters_by_part,
     receptive_field,
     sequence_length,
     tcn_stack,
@@ -124,3 +126,31 @@ def test_flops_count_matches_hand_count() -> None:
     tcn = 8 * 256 * 3 * 8 * 8  # eight blocks, one conv each, 256 steps
     head = 8 * 10
     assert count_flops(model) == 2 * (stem_in + stage + tcn + head)
+    assert flops_by_part(model) == {
+        "stem": 2 * (stem_in + stage),
+        "tcn": 2 * tcn,
+        "classifier": 2 * head,
+    }
+
+
+def test_the_parts_add_up_and_the_tcn_holds_most_of_the_shipped_recipes_parameters() -> None:
+    import json
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "cifar10_tcn.json"
+    config = ModelConfig.from_dict(json.loads(recipe.read_text())["model"])
+    model = build_model(config)
+    parameters = parameters_by_part(model)
+    assert sum(parameters.values()) == model.count_params()
+    assert parameters["tcn"] > model.count_params() / 2  # the floor for "still a TCN"
+    assert sum(flops_by_part(model).values()) == count_flops(model)
+
+
+def test_the_ablation_without_the_tcn_pools_the_stems_tokens() -> None:
+    config = ModelConfig(stem_filters=(8, 16), tcn_filters=16, tcn=False)
+    model = build_model(config)
+    assert not [layer for layer in model.layers if layer.name.startswith("tcn")]
+    assert parameters_by_part(model)["tcn"] == flops_by_part(model)["tcn"] == 0
+    assert model(np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="needs a stem"):
+        build_model(ModelConfig(stem_filters=(), tcn=False))

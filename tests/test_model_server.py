@@ -671,3 +671,113 @@ def test_manager_keeps_serving_when_the_base_path_vanishes_but_not_when_emptied(
     with pytest.raises(NotFoundError, match=rf"Latest\({MODEL_NAME}\)"):
         manager.servable(MODEL_NAME, None)
     assert manager.statuses(MODEL_NAME) == [VersionStatus(1, "END")]
+
+
+def test_tensorflow_thread_flags_are_tensorflow_model_servers() -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "model-server",
+            "--tensorflow_intra_op_parallelism=3",
+            "--tensorflow_inter_op_parallelism",
+            "2",
+        ]
+    )
+    settings = model_server_command.settings_from_args(args)
+    assert (settings.tensorflow_intra_op_parallelism, settings.tensorflow_inter_op_parallelism) == (
+        3,
+        2,
+    )
+    defaults = model_server_command.settings_from_args(parser.parse_args(["model-server"]))
+    assert (defaults.tensorflow_intra_op_parallelism, defaults.tensorflow_inter_op_parallelism) == (
+        0,
+        0,
+    )  # TF Serving's default: TensorFlow picks
+    with pytest.raises(ConfigError, match="tensorflow_intra_op_parallelism"):
+        ModelServerSettings(tensorflow_intra_op_parallelism=-1)
+
+
+def test_the_thread_flags_reach_tensorflow_in_the_server_process(
+    start_model_server: Callable[..., Any], base_v1: Path
+) -> None:
+    server = start_model_server(
+        base_v1, "--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=3"
+    )
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            body = {"instances": _images(2).tolist()}
+            response = http.post(f"/v1/models/{MODEL_NAME}:predict", json=body)
+        assert response.status_code == 200
+        assert len(response.json()["predictions"]) == 2
+        # The server logs what TensorFlow reports back after the flags were applied.
+        assert "TensorFlow threads: intra-op 1, inter-op 3" in server.log()
+    finally:
+        server.stop()
+
+
+def test_serve_runs_the_model_with_the_tuned_thread_counts() -> None:
+    from image_classifier.cli.serve import _tensorflow_thread_flags
+    from image_classifier.servable import tuned_thread_counts
+
+    # Two passes per image (the picture and its mirror) side by side, each on half the cores.
+    assert tuned_thread_counts(2) == (1, 2)
+    assert tuned_thread_counts(16) == (8, 2)
+    assert tuned_thread_counts(1) == (1, 2)
+    intra, inter = tuned_thread_counts()
+    assert _tensorflow_thread_flags() == (
+        f"--tensorflow_intra_op_parallelism={intra}",
+        f"--tensorflow_inter_op_parallelism={inter}",
+    )
+
+
+class _Cycle:
+    """Garbage only the cyclic collector can free: it refers to itself."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_freeze_heap_collects_what_an_earlier_freeze_pinned_then_freezes() -> None:
+    import gc
+    import weakref
+
+    from image_classifier.webserver import freeze_heap
+
+    try:
+        garbage = _Cycle()
+        ref = weakref.ref(garbage)
+        gc.freeze()  # an earlier freeze_heap, say at start-up, while it was still in use
+        del garbage
+        gc.collect()
+        assert ref() is not None  # frozen objects are outside the collector's rounds
+
+        freeze_heap()
+
+        assert ref() is None  # unfrozen and collected before the new freeze
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_the_manager_freezes_the_heap_after_each_load_and_unload(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    manager = _fake_manager(tmp_path, fail=set())
+    try:
+        (tmp_path / "1").mkdir()
+        gc.unfreeze()
+        manager.poll()
+        assert gc.get_freeze_count() > 0  # loaded: the long-lived heap is frozen
+
+        garbage = _Cycle()
+        ref = weakref.ref(garbage)
+        gc.freeze()
+        del garbage
+        shutil.rmtree(tmp_path / "1")
+        (tmp_path / "2").mkdir()
+        manager.poll()  # loads 2, unloads 1: each refreezes after a full collection
+        assert ref() is None
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

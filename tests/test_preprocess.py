@@ -703,6 +703,24 @@ def test_encoded_pixel_check_counts_gif_frames_and_passes_unknown_bytes() -> Non
     assert check_encoded_image(b"not an image", max_pixels=1) == 0  # the decoder's to judge
 
 
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "GIF", "BMP", "WEBP"])
+def test_encoded_pixel_check_reads_every_format_tensorflow_decodes(image_format: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200), "red").save(buffer, image_format)
+    assert check_encoded_image(buffer.getvalue()) == 300 * 200
+    with pytest.raises(ImageTooLargeError):
+        check_encoded_image(buffer.getvalue(), max_pixels=300 * 200 - 1)
+
+
+def test_encoded_pixel_check_passes_raw_pixels_and_formats_tensorflow_refuses() -> None:
+    # serving_pixels' raw bytes are no image; TensorFlow's decode_image refuses TIFF unread.
+    pixels = np.full((32, 32, 3), 200, dtype=np.uint8).tobytes()
+    assert check_encoded_image(pixels, max_pixels=1) == 0
+    tiff = io.BytesIO()
+    Image.new("RGB", (300, 200), "red").save(tiff, "TIFF")
+    assert check_encoded_image(tiff.getvalue(), max_pixels=1) == 0
+
+
 def test_encoded_image_check_refuses_animated_webp_but_not_a_still_one() -> None:
     # TensorFlow's in-graph WebP decoder aborts the whole process on an animated WebP.
     frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]

@@ -55,6 +55,9 @@ class ModelConfig:
     # "fan_in_uniform" is U(+-1/sqrt(fan_in)) (PyTorch's default); it trained to higher accuracy
     # than Keras' glorot_uniform in the recipe search (see README, Model).
     kernel_init: Literal["fan_in_uniform", "glorot_uniform"] = "fan_in_uniform"
+    # False builds the ablation that measures what the TCN adds: the stem's tokens are
+    # average-pooled straight into the classifier, everything else unchanged.
+    tcn: bool = True
     num_classes: int = NUM_CLASSES
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
@@ -104,6 +107,10 @@ def validate_config(config: ModelConfig) -> None:
         raise ConfigError("dilations must be positive integers")
     if not 0.0 <= config.dropout < 1.0:
         raise ConfigError("dropout must be in [0, 1)")
+    if not config.tcn:
+        if not config.stem_filters:
+            raise ConfigError("a model without the TCN needs a stem")
+        return
     rf, length = receptive_field(config), sequence_length(config)
     if rf < length:
         raise ConfigError(
@@ -134,8 +141,11 @@ def build_model(config: ModelConfig | None = None) -> keras.Model:
     else:
         x = layers.Reshape((IMAGE_SIZE * IMAGE_SIZE, INPUT_SHAPE[2]), name="to_sequence")(x)
 
-    x = tcn_stack(x, config)
-    x = layers.Lambda(lambda t: t[:, -1, :], name="last_step")(x)
+    if config.tcn:
+        x = tcn_stack(x, config)
+        x = layers.Lambda(lambda t: t[:, -1, :], name="last_step")(x)
+    else:
+        x = layers.GlobalAveragePooling1D(name="pool_tokens")(x)
     logits = layers.Dense(
         config.num_classes, kernel_initializer=_init(config), dtype="float32", name="logits"
     )(x)
@@ -219,16 +229,34 @@ def tcn_stack(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
     return x
 
 
+MODEL_PARTS = ("stem", "tcn", "classifier")
+
+
+def model_part(layer_name: str) -> str:
+    """Which of :data:`MODEL_PARTS` a layer of :func:`build_model` belongs to."""
+    if layer_name.startswith("tcn"):
+        return "tcn"
+    if layer_name == "logits":
+        return "classifier"
+    return "stem"
+
+
 def count_flops(model: keras.Model) -> int:
     """Floating-point operations (2 x multiply-adds) of one forward pass for one image.
 
     Counts convolutions and dense layers, which are >98% of the work; normalization and
     activations are left out, as is customary.
     """
+    return sum(flops_by_part(model).values())
+
+
+def flops_by_part(model: keras.Model) -> dict[str, int]:
+    """:func:`count_flops` split into the stem, the TCN and the classifier."""
     from keras import layers
 
-    flops = 0
+    parts = dict.fromkeys(MODEL_PARTS, 0)
     for layer in model.layers:
+        flops = 0
         if isinstance(layer, (layers.Conv1D, layers.Conv2D)):
             kernel = layer.kernel.shape  # (*spatial, in, out)
             positions = 1
@@ -237,7 +265,16 @@ def count_flops(model: keras.Model) -> int:
             macs_per_position = 1
             for dim in kernel:
                 macs_per_position *= int(dim)
-            flops += 2 * positions * macs_per_position
+            flops = 2 * positions * macs_per_position
         elif isinstance(layer, layers.Dense):
-            flops += 2 * int(layer.kernel.shape[0]) * int(layer.kernel.shape[1])
-    return flops
+            flops = 2 * int(layer.kernel.shape[0]) * int(layer.kernel.shape[1])
+        parts[model_part(layer.name)] += flops
+    return parts
+
+
+def parameters_by_part(model: keras.Model) -> dict[str, int]:
+    """Parameters (trainable or not) of the stem, the TCN and the classifier."""
+    parts = dict.fromkeys(MODEL_PARTS, 0)
+    for layer in model.layers:
+        parts[model_part(layer.name)] += int(layer.count_params())
+    return parts

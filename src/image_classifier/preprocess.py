@@ -63,6 +63,13 @@ _OPEN_FORMATS: Final = tuple(f for f in SUPPORTED_FORMATS if f != "MPO")
 # ``max_pixels`` check runs right after the header is read, before any pixel is decoded) and its
 # error is turned into ours, so its global is left alone.
 _DRAFT_SIZE: Final = (IMAGE_SIZE * 2, IMAGE_SIZE * 2)
+# The prefixes by which tf.io.decode_image tells JPEG, PNG, GIF and BMP apart (WebP is RIFF with
+# "WEBP" at offset 8); anything else it refuses without decoding.
+_TF_IMAGE_MAGIC: Final = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF", b"BM")
+
+
+def _tf_decodable(data: bytes) -> bool:
+    return data.startswith(_TF_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def check_encoded_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> int:
@@ -74,7 +81,14 @@ def check_encoded_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> int:
     WebP decoder corrupts the heap on it and aborts the process). Bytes Pillow cannot identify
     pass, leaving the verdict to the decoder that follows. Returns the pixels that will be
     decoded (0 when unknown).
+
+    Bytes without the magic number of a format TensorFlow's ``decode_image`` recognises (it
+    goes by the same prefixes) are passed at once: raw pixels sent to ``serving_pixels`` are
+    no image, and asking each of Pillow's openers about them costs more than the model call's
+    bookkeeping.
     """
+    if not _tf_decodable(data):
+        return 0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

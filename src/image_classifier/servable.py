@@ -113,6 +113,18 @@ def read_metadata(version_dir: Path) -> dict[str, Any]:
     return content
 
 
+def tuned_thread_counts(cores: int | None = None) -> tuple[int, int]:
+    """(intra-op, inter-op) TensorFlow threads for serving this project's exports on ``cores``.
+
+    An export with flip averaging runs the model twice per image, the picture and its mirror,
+    as two independent passes. Running both at once, each on half the cores, beats each pass
+    spreading every op over all of them: on 2 cores, batch 1 took 3.7 ms instead of 6.0 (a
+    third less CPU) and batch 64 ran at 515 instead of 476 images/s.
+    """
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // 2), 2
+
+
 def load_servable(path: str | os.PathLike[str], version: int | None = None) -> Servable:
     """Load ``path`` (a base path or a version directory) with ``tf.saved_model.load``."""
     import tensorflow as tf

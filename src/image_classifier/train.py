@@ -53,6 +53,8 @@ from image_classifier.model import (
     build_model,
     check_config_keys,
     count_flops,
+    flops_by_part,
+    parameters_by_part,
     receptive_field,
     sequence_length,
 )
@@ -536,13 +538,14 @@ def train(
         "name": MODEL_NAME,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": {
-            "type": "TCN (dilated causal residual 1-D convolutions) over a conv-stem token sequence"
-            if model_config.stem_filters
-            else "TCN over the pixel sequence",
+            "type": _architecture_type(model_config),
             "sequence_length": sequence_length(model_config),
-            "receptive_field": receptive_field(model_config),
+            "receptive_field": receptive_field(model_config) if model_config.tcn else None,
             "parameters": int(model.count_params()),
             "flops_per_image": count_flops(model) * (2 if train_config.flip_tta else 1),
+            # One forward pass each, so the shares hold with or without flip averaging.
+            "flops_by_part": flops_by_part(model),
+            "parameters_by_part": parameters_by_part(model),
         },
         "input": {
             "dtype": "float32",
@@ -645,6 +648,14 @@ def _wait_for_every_worker(plan: _Plan) -> None:
         return strategy.run(replica_fn)
 
     barrier()
+
+
+def _architecture_type(config: ModelConfig) -> str:
+    if not config.tcn:
+        return "ablation: conv stem, tokens average-pooled, no TCN"
+    if config.stem_filters:
+        return "TCN (dilated causal residual 1-D convolutions) over a conv-stem token sequence"
+    return "TCN over the pixel sequence"
 
 
 def _distribution_card(plan: _Plan) -> dict[str, Any]:

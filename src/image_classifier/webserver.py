@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import json
 import logging
 import threading
@@ -91,6 +92,21 @@ def release_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def freeze_heap() -> None:
+    """Take every object alive now out of the garbage collector's rounds (``gc.freeze``).
+
+    A serving process holds hundreds of thousands of long-lived objects (the model server
+    ~400,000: TensorFlow's modules and the loaded graphs), and every full collection walks them
+    all: 186 ms measured, a stall for every request in flight. Frozen, they are skipped and
+    only what requests create is collected. Called when a server is ready and again whenever
+    models are loaded or unloaded; the full collection before freezing (once, then) keeps
+    garbage from being pinned for good.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class DecodeBudget:

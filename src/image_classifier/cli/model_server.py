@@ -177,6 +177,18 @@ def register(subparsers: SubParsers) -> None:
         "(default true)",
     )
     parser.add_argument(
+        "--tensorflow_intra_op_parallelism",
+        type=int,
+        default=defaults.tensorflow_intra_op_parallelism,
+        help="threads one TensorFlow op may use; 0: TensorFlow picks (default 0)",
+    )
+    parser.add_argument(
+        "--tensorflow_inter_op_parallelism",
+        type=int,
+        default=defaults.tensorflow_inter_op_parallelism,
+        help="independent TensorFlow ops run at once; 0: TensorFlow picks (default 0)",
+    )
+    parser.add_argument(
         "--max_batch_size",
         type=int,
         default=DEFAULT_MAX_BATCH_SIZE,
@@ -287,6 +299,8 @@ def settings_from_args(args: argparse.Namespace) -> ModelServerSettings:
         rest_api_enable_cors_support=args.rest_api_enable_cors_support,
         batching=_batching(args),
         prometheus_path=_prometheus_path(args),
+        tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+        tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
     )
 
 

@@ -118,6 +118,16 @@ def _batching_flags(enabled: bool) -> tuple[str, ...]:
     return ("--enable_batching", f"--batching_parameters_file={config}")
 
 
+def _tensorflow_thread_flags() -> tuple[str, ...]:
+    from image_classifier.servable import tuned_thread_counts
+
+    intra, inter = tuned_thread_counts()
+    return (
+        f"--tensorflow_intra_op_parallelism={intra}",
+        f"--tensorflow_inter_op_parallelism={inter}",
+    )
+
+
 def _display_host(host: str) -> str:
     return "localhost" if host in ("0.0.0.0", "::", "") else host
 
@@ -160,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         grpc_port=args.model_grpc_port,
         restart=not args.no_restart,
         log_level=args.log_level,
-        extra_args=_batching_flags(args.batching),
+        extra_args=(*_batching_flags(args.batching), *_tensorflow_thread_flags()),
     )
 
     def banner() -> None:

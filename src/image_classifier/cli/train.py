@@ -102,6 +102,12 @@ def register(subparsers: SubParsers) -> None:
     a.add_argument("--dilations", type=int_tuple, help=f"default {m.dilations}")
     a.add_argument("--dropout", type=float, help=f"default {m.dropout}")
     a.add_argument("--norm", choices=["batch", "layer"], help=f"default {m.norm}")
+    a.add_argument(
+        "--tcn",
+        action=argparse.BooleanOptionalAction,
+        help="--no-tcn trains the ablation: the stem's tokens average-pooled into the "
+        "classifier, no TCN (default: the TCN)",
+    )
     p.set_defaults(func=run)
 
 
@@ -130,6 +136,7 @@ _MODEL_FLAGS = (
     "dilations",
     "dropout",
     "norm",
+    "tcn",
 )
 
 

@@ -27,6 +27,7 @@ from image_classifier.webserver import (
     BodyGuardMiddleware,
     SafeJSONResponse,
     SecurityHeadersMiddleware,
+    freeze_heap,
 )
 
 logger = logging.getLogger("image_classifier.gateway")
@@ -59,6 +60,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await model_backend.start()
+        freeze_heap()  # what the process holds from here on is not garbage: see freeze_heap
         logger.info(
             "gateway ready to serve model %r with the %s backend%s",
             settings.model_name,

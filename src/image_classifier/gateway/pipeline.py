@@ -126,9 +126,13 @@ class Pipeline:
         on the wire and 2.4 GB of pixels.
         """
         blobs = [u.data for u in uploads if u.error is None and u.data is not None]
-        total = await anyio.to_thread.run_sync(
-            lambda: sum(decoded_pixels(data) for data in blobs), limiter=self.limiter
-        )
+        if sum(len(data) for data in blobs) <= _INLINE_BYTES:
+            # Reading a few small headers costs less than the hop to a worker thread.
+            total = sum(decoded_pixels(data) for data in blobs)
+        else:
+            total = await anyio.to_thread.run_sync(
+                lambda: sum(decoded_pixels(data) for data in blobs), limiter=self.limiter
+            )
         limit = self.settings.max_request_pixels
         if total > limit:
             raise TooManyPixelsError(

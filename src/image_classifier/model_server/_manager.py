@@ -40,6 +40,7 @@ from image_classifier.tfserving.errors import InvalidArgumentError, NotFoundErro
 from image_classifier.tfserving.signatures import NUMPY_DTYPES, Signature, SignatureTable
 from image_classifier.tfserving.status import AVAILABLE, END, LOADING, VersionStatus
 from image_classifier.tfserving.warmup import WarmupError, read_warmup_requests
+from image_classifier.webserver import freeze_heap
 
 logger = logging.getLogger("image_classifier.model_server")
 
@@ -266,6 +267,7 @@ class ModelManager:
             # The atomic step: new requests see the new version from here.
             self._loaded = {**self._loaded, version: loaded}
             self._states[version] = VersionStatus(version, AVAILABLE)
+        freeze_heap()
         logger.info(
             "%s version %d is AVAILABLE (loaded in %.1f s)",
             self.name,
@@ -284,6 +286,7 @@ class ModelManager:
                 self._states[version] = VersionStatus(version, END)
         for version in sorted(gone):
             logger.info("%s version %d unloaded", self.name, version)
+        freeze_heap()  # unfreezes first, so the unloaded graphs can be collected
 
     def _set_state(self, status: VersionStatus) -> None:
         with self._state_lock:

@@ -14,6 +14,28 @@ from typing import Any
 
 from image_classifier.model_server._settings import ModelServerSettings
 
+logger = logging.getLogger("image_classifier.model_server")
+
+
+def configure_tensorflow(settings: ModelServerSettings) -> None:
+    """Apply the TensorFlow thread flags; they hold for the whole process, so before any load."""
+    import tensorflow as tf
+
+    if settings.tensorflow_intra_op_parallelism:
+        tf.config.threading.set_intra_op_parallelism_threads(
+            settings.tensorflow_intra_op_parallelism
+        )
+    if settings.tensorflow_inter_op_parallelism:
+        tf.config.threading.set_inter_op_parallelism_threads(
+            settings.tensorflow_inter_op_parallelism
+        )
+    # Read back from TensorFlow, not from the flags: what ops will actually run with.
+    logger.info(
+        "TensorFlow threads: intra-op %s, inter-op %s (0: TensorFlow picks)",
+        tf.config.threading.get_intra_op_parallelism_threads(),
+        tf.config.threading.get_inter_op_parallelism_threads(),
+    )
+
 
 def run_model_server(settings: ModelServerSettings | None = None, **overrides: Any) -> None:
     """Serve until interrupted (SIGINT/SIGTERM shut down gracefully).
@@ -34,6 +56,7 @@ def run_model_server(settings: ModelServerSettings | None = None, **overrides: A
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("image_classifier").setLevel(level)
     check_startup_config(settings)
+    configure_tensorflow(settings)
     config = uvicorn_config(
         create_app(settings, grpc_server=bind(settings)),
         host=settings.host,

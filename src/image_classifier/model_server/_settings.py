@@ -89,6 +89,10 @@ class ModelServerSettings:
     model_config_file: Path | None = None
     model_config_file_poll_wait_seconds: float = 0.0
     allow_version_labels_for_unavailable_models: bool = False
+    # TF Serving's --tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism: the
+    # threads one op may use, and how many independent ops run at once (0: TensorFlow picks).
+    tensorflow_intra_op_parallelism: int = 0
+    tensorflow_inter_op_parallelism: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_base_path", Path(self.model_base_path))
@@ -131,6 +135,11 @@ class ModelServerSettings:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if self.tensorflow_intra_op_parallelism < 0 or self.tensorflow_inter_op_parallelism < 0:
+            problems.append(
+                "tensorflow_intra_op_parallelism and tensorflow_inter_op_parallelism must be "
+                ">= 0 (0: TensorFlow picks)"
+            )
         if self.max_num_load_retries < 0 or self.load_retry_interval_seconds < 0:
             problems.append("max_num_load_retries and load_retry_interval_seconds must be >= 0")
         if problems:
