@@ -715,7 +715,7 @@ def test_the_thread_flags_reach_tensorflow_in_the_server_process(
         server.stop()
 
 
-def test_serve_runs_the_model_with_the_tuned_thread_counts() -> None:
+def test_serve_runs_the_model_with_the_tuned_thread_counts(base_v1: Path) -> None:
     from image_classifier.cli.serve import _tensorflow_thread_flags
     from image_classifier.servable import tuned_thread_counts
 
@@ -724,10 +724,14 @@ def test_serve_runs_the_model_with_the_tuned_thread_counts() -> None:
     assert tuned_thread_counts(16) == (8, 2)
     assert tuned_thread_counts(1) == (1, 2)
     intra, inter = tuned_thread_counts()
-    assert _tensorflow_thread_flags() == (
+    shipped = Path(__file__).resolve().parent.parent / "saved_models" / MODEL_NAME
+    flipped = max((p for p in shipped.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    assert _tensorflow_thread_flags(flipped) == (
         f"--tensorflow_intra_op_parallelism={intra}",
         f"--tensorflow_inter_op_parallelism={inter}",
     )
+    # An export without flip averaging has one pass per image: TensorFlow's defaults.
+    assert _tensorflow_thread_flags(base_v1 / "1") == ()
 
 
 class _Cycle:

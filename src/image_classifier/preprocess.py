@@ -125,7 +125,8 @@ def decoded_pixels(data: bytes) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            # Only the formats decode_image opens: anything else decodes to nothing here.
+            with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as image:
                 if image.format in ("JPEG", "MPO"):
                     image.draft("RGB", _DRAFT_SIZE)  # changes .size to the reduced decode size
                 width, height = image.size

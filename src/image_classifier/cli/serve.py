@@ -118,9 +118,16 @@ def _batching_flags(enabled: bool) -> tuple[str, ...]:
     return ("--enable_batching", f"--batching_parameters_file={config}")
 
 
-def _tensorflow_thread_flags() -> tuple[str, ...]:
-    from image_classifier.servable import tuned_thread_counts
+def _tensorflow_thread_flags(version_dir: Path) -> tuple[str, ...]:
+    """The tuned thread flags for an export with flip averaging; TensorFlow's own otherwise."""
+    from image_classifier.servable import read_metadata, tuned_thread_counts
 
+    try:
+        card = read_metadata(version_dir)
+    except (OSError, ValueError):
+        card = {}
+    if card.get("test_time_augmentation") != "horizontal_flip":
+        return ()  # one pass per image: nothing to run side by side
     intra, inter = tuned_thread_counts()
     return (
         f"--tensorflow_intra_op_parallelism={intra}",
@@ -170,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         grpc_port=args.model_grpc_port,
         restart=not args.no_restart,
         log_level=args.log_level,
-        extra_args=(*_batching_flags(args.batching), *_tensorflow_thread_flags()),
+        extra_args=(*_batching_flags(args.batching), *_tensorflow_thread_flags(version_dir)),
     )
 
     def banner() -> None:
