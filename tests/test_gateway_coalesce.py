@@ -14,7 +14,12 @@ from PIL import Image
 from image_classifier.constants import CIFAR10_CLASSES
 from image_classifier.gateway import GatewaySettings, create_app
 from image_classifier.gateway.backends import Backend, BackendPrediction, ModelCard, ModelStatus
-from image_classifier.gateway.errors import BackendTimeoutError
+from image_classifier.gateway.errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ModelUnavailableError,
+)
 
 
 class SlowBackend(Backend):
@@ -26,10 +31,17 @@ class SlowBackend(Backend):
 
     kind = "tfserving"
 
-    def __init__(self, settings: GatewaySettings, *, fail: bool = False) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        fail: bool = False,
+        error: type[BackendError] = BackendTimeoutError,
+    ) -> None:
         super().__init__(settings)
         self.calls: list[int] = []
         self.fail = fail
+        self.error = error
         self.release = asyncio.Event()
 
     async def status(self) -> ModelStatus:
@@ -41,7 +53,7 @@ class SlowBackend(Backend):
             await self.release.wait()
         await asyncio.sleep(0.2)
         if self.fail:
-            raise BackendTimeoutError("the model did not answer")
+            raise self.error("the model did not answer")
         classes = images[..., 0].reshape(len(images), -1).mean(axis=1) // 26
         probabilities = np.eye(10, dtype=np.float32)[classes.astype(int)]
         return BackendPrediction(probabilities, "3")
@@ -141,3 +153,28 @@ def test_a_failed_merged_call_fails_each_request_with_its_error(in_flight: int) 
 
     assert [a.status_code for a in answers] == [504] * 5
     assert {a.json()["error"]["code"] for a in answers} == {"backend_timeout"}
+
+
+@pytest.mark.parametrize("error", [BackendTimeoutError, BackendUnavailableError])
+def test_uploads_queued_behind_a_silent_backend_share_its_failure_at_once(
+    error: type[BackendError],
+) -> None:
+    settings = GatewaySettings(coalesce_max_in_flight=1)
+    backend = SlowBackend(settings, fail=True, error=error)
+
+    answers, _ = _run(settings, backend, [50] * 5)
+
+    # No second call to a backend that just did not answer: the four queued uploads get the
+    # first call's error instead of waiting a timeout of their own.
+    assert backend.calls == [1]
+    assert len({a.status_code for a in answers}) == 1 and answers[0].status_code in (503, 504)
+
+
+def test_an_answered_failure_does_not_fail_the_uploads_queued_behind_it() -> None:
+    settings = GatewaySettings(coalesce_max_in_flight=1)
+    backend = SlowBackend(settings, fail=True, error=ModelUnavailableError)
+
+    answers, _ = _run(settings, backend, [50] * 5)
+
+    assert backend.calls == [1, 4]  # the backend answered: the next call is still tried
+    assert [a.status_code for a in answers] == [503] * 5

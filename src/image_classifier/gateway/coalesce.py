@@ -6,7 +6,8 @@ call; otherwise they wait for the next free slot, gathering the images that arri
 a lone request is sent immediately (no added latency when idle), and under load each request
 waits at most for one call to finish while batches grow by themselves. The answer is split
 back per request; a backend failure is every merged request's failure, as it would have been
-for each alone.
+for each alone, and a backend that did not answer (timeout, refused connection) fails the
+requests queued behind that call too, instead of making each wait for a timeout of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from image_classifier.gateway.backends import Backend, BackendPrediction
+from image_classifier.gateway.errors import BackendTimeoutError, BackendUnavailableError
 from image_classifier.gateway.metrics import GatewayMetrics
 
 
@@ -74,6 +76,12 @@ class Coalescer:
             try:
                 merged = await self._call([part.images for part in batch])
             except Exception as exc:
+                if isinstance(exc, (BackendTimeoutError, BackendUnavailableError)):
+                    # The backend did not answer at all: the uploads queued behind this call
+                    # would go to the same silent backend and wait a whole timeout more each,
+                    # so they share this call's answer now.
+                    batch += self._pending
+                    self._pending = []
                 for part in batch:
                     if not part.future.done():
                         part.future.set_exception(exc)
