@@ -381,9 +381,12 @@ def main() -> int:
             errors = sum(r.errors for r in mine + peer)
 
             def cell(rs: list[Run]) -> str:
-                r = rs[len(rs) // 2]
-                rate = np.median([x.rps for x in rs])
-                return f"{rate:.0f} ({r.p50_ms:.0f}/{r.p95_ms:.0f}/{r.p99_ms:.0f})"
+                # The median over the rounds of each figure.
+                rate, p50, p95, p99 = (
+                    float(np.median([getattr(x, name) for x in rs]))
+                    for name in ("rps", "p50_ms", "p95_ms", "p99_ms")
+                )
+                return f"{rate:.0f} ({p50:.0f}/{p95:.0f}/{p99:.0f})"
 
             print(
                 f"| {workload} | {level} | {cell(mine)} | {cell(peer)} | {ratio:.2f}x | "
