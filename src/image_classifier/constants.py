@@ -81,6 +81,8 @@ PIXELS_BYTES: Final = IMAGE_SIZE * IMAGE_SIZE * CHANNELS
 # Files written next to the SavedModel inside a version directory.
 CLASS_NAMES_ASSET: Final = "class_names.txt"
 METADATA_FILE: Final = "metadata.json"
+# The card's test_time_augmentation for an export that averages each image with its mirror.
+FLIP_TTA: Final = "horizontal_flip"
 HISTORY_FILE: Final = "history.json"
 CURVES_FILE: Final = "training_curves.png"
 CONFUSION_FILE: Final = "confusion_matrix.png"

@@ -35,6 +35,7 @@ from image_classifier.constants import (
     BYTES_INPUT_KEY,
     CHANNELS,
     CLASS_NAMES_ASSET,
+    FLIP_TTA,
     IMAGE_SIZE,
     INPUT_KEY,
     METADATA_FILE,
@@ -255,7 +256,7 @@ def export_model(
             **metadata,
             "version": version,
             "class_names": list(class_names),
-            "test_time_augmentation": "horizontal_flip" if flip_tta else "none",
+            "test_time_augmentation": FLIP_TTA if flip_tta else "none",
             # What the signatures compute (serving_probabilities): null is the uncalibrated
             # contract (views averaged as probabilities), a number softmax(mean logits / T).
             "temperature": temperature,
@@ -355,7 +356,7 @@ def reexport(
         raise ExportError(f"{source.path} has no usable model_config in its card: {exc}") from None
     model = build_model(config)
     read_weights(model, source.path)
-    flip_tta = card.get("test_time_augmentation") == "horizontal_flip"
+    flip_tta = card.get("test_time_augmentation") == FLIP_TTA
     source_temperature = card.get("temperature")
     probe = np.random.default_rng(0).random((8, IMAGE_SIZE, IMAGE_SIZE, CHANNELS), "f4")
     expected = source.predict(probe)

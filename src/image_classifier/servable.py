@@ -118,8 +118,8 @@ def tuned_thread_counts(cores: int | None = None) -> tuple[int, int]:
 
     An export with flip averaging runs the model twice per image, the picture and its mirror,
     as two independent passes. Running both at once, each on half the cores, beats each pass
-    spreading every op over all of them: on 2 cores, batch 1 took 3.7 ms instead of 6.0 (a
-    third less CPU) and batch 64 ran at 515 instead of 476 images/s.
+    spreading every op over all of them: on 2 cores a one-image call took 2.9-3.5 ms instead of
+    4.5-4.7 with a fifth to a third less CPU (``benchmarks/inference.py --threads``).
     """
     cores = cores or os.cpu_count() or 1
     return max(1, cores // 2), 2

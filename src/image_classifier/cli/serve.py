@@ -28,6 +28,7 @@ from image_classifier.constants import (
     DEFAULT_HOST,
     DEFAULT_MODEL_BASE_PATH,
     DEFAULT_REST_API_PORT,
+    FLIP_TTA,
     LOG_FORMATS,
     LOG_LEVELS,
     MODEL_NAME,
@@ -126,7 +127,7 @@ def _tensorflow_thread_flags(version_dir: Path) -> tuple[str, ...]:
         card = read_metadata(version_dir)
     except (OSError, ValueError):
         card = {}
-    if card.get("test_time_augmentation") != "horizontal_flip":
+    if card.get("test_time_augmentation") != FLIP_TTA:
         return ()  # one pass per image: nothing to run side by side
     intra, inter = tuned_thread_counts()
     return (
