@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -154,3 +156,64 @@ def test_the_ablation_without_the_tcn_pools_the_stems_tokens() -> None:
     assert model(np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 10)
     with pytest.raises(ValueError, match="needs a stem"):
         build_model(ModelConfig(stem_filters=(), tcn=False))
+
+
+@pytest.mark.parametrize("shape", [(32, 6, 6, 5), (32, 12, 5), (32, 5)], ids=["2d", "1d", "flat"])
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_the_fused_batch_norm_trains_like_keras_batch_norm(
+    shape: tuple[int, ...], dtype: str
+) -> None:
+    """Same outputs, gradients and moving statistics as Keras' layer, which it replaces only
+    for speed; inference is Keras' own code path."""
+    from image_classifier.layers import FusedBatchNormalization
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(1.0, 3.0, shape).astype(np.float32))
+    layers = [
+        keras.layers.BatchNormalization(momentum=0.8, epsilon=1e-5, dtype=dtype),
+        FusedBatchNormalization(momentum=0.8, epsilon=1e-5, dtype=dtype),
+    ]
+    outputs, input_grads, gamma_grads = [], [], []
+    for layer in layers:
+        layer.build(shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 5))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 5))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(layer(x, training=True), tf.float32)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        grads = tape.gradient(loss, [x, layer.gamma])
+        outputs.append(y.numpy())
+        input_grads.append(grads[0].numpy())
+        gamma_grads.append(grads[1].numpy())
+    keras_bn, fused = layers
+    tolerance = 1e-5 if dtype == "float32" else 2e-2  # bfloat16 keeps 8 bits of mantissa
+    assert outputs[1].dtype == outputs[0].dtype
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=tolerance * 10)
+    np.testing.assert_allclose(input_grads[1], input_grads[0], atol=tolerance * 10)
+    np.testing.assert_allclose(gamma_grads[1], gamma_grads[0], rtol=tolerance)
+    # Keras tracks the biased batch variance; the fused kernel's own output is unbiased.
+    np.testing.assert_allclose(fused.moving_mean, keras_bn.moving_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused.moving_variance, keras_bn.moving_variance, rtol=1e-5)
+    np.testing.assert_allclose(
+        fused(x, training=False), keras_bn(x, training=False), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_the_model_normalizes_with_the_fused_layer_and_reads_keras_checkpoints(
+    tmp_path: Path,
+) -> None:
+    from image_classifier.layers import FusedBatchNormalization
+
+    model = build_model(SMALL)
+    norms = [layer for layer in model.layers if "BatchNormalization" in type(layer).__name__]
+    assert norms and all(isinstance(layer, FusedBatchNormalization) for layer in norms)
+    # The variables are Keras' own (versions trained with Keras' layer read into this one:
+    # test_shipped_model's re-export check), and its statistics survive a save and a load.
+    images = np.random.default_rng(1).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    model(images, training=True)  # moves the statistics away from their initial values
+    path = str(tmp_path / "weights.weights.h5")
+    model.save_weights(path)
+    copy = build_model(SMALL)
+    copy.load_weights(path)
+    np.testing.assert_allclose(copy(images), model(images), rtol=1e-5, atol=1e-5)

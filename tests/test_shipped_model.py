@@ -54,7 +54,10 @@ def test_the_shipped_version_is_calibrated_and_says_how() -> None:
     calibration = card["calibration"]
     assert card["temperature"] == calibration["temperature"] > 0
     assert calibration["ece_bins"] == 15
-    assert calibration["ece_after"] < calibration["ece_before"] / 2
+    # The temperature is the validation NLL's minimum, so it can only lower the NLL; the ECE it
+    # leaves is the target for the shipped version.
+    assert calibration["nll_after"] <= calibration["nll_before"]
+    assert calibration["ece_after"] <= 0.015
     assert 0.0 < calibration["low_confidence_threshold"] < 1.0
     assert "less than half" in calibration["low_confidence_rule"]
     # One accuracy figure: the evaluation of the served version is the card's.
@@ -64,6 +67,7 @@ def test_the_shipped_version_is_calibrated_and_says_how() -> None:
     assert evaluation["calibration"]["ece"] == pytest.approx(calibration["ece_after"], abs=1e-4)
     jpeg = evaluation["jpeg_accuracy"]
     assert evaluation["accuracy"] >= jpeg["q90"] >= jpeg["q75"] >= jpeg["q50"] > 0.5
+    assert evaluation["accuracy"] - jpeg["q75"] <= 0.015  # the JPEG-q75 gap
 
 
 @pytest.mark.slow

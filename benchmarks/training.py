@@ -1,0 +1,102 @@
+"""Training speed of the shipped recipe's model: seconds per step and images/s, side by side.
+
+Runs Keras' own ``train_on_batch`` on the recipe's architecture, optimizer, loss and precision
+(``configs/cifar10_tcn.json``), on random images, so it measures the model and not the input
+pipeline. Two arms alternate in one process, several rounds each, and the table reports the
+median of each arm:
+
+- ``fused``: the model as ``build_model`` makes it (``layers.FusedBatchNormalization``);
+- ``keras``: the same model with Keras' own ``BatchNormalization``, the layer it replaced.
+
+Usage::
+
+    .venv/bin/python benchmarks/training.py [--batch-size 512] [--steps 8] [--rounds 3]
+
+Run it with nothing else using the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from image_classifier import model as model_module
+from image_classifier.train import compile_model, configure_threads, load_configs
+
+RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_tcn.json"
+
+
+def keras_batch_norm(name: str) -> Any:
+    import keras
+
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+
+
+def build(arm: str, batch_size: int) -> Any:
+    import keras
+
+    model_config, train_config = load_configs(RECIPE, train_overrides={"batch_size": batch_size})
+    keras.mixed_precision.set_global_policy(train_config.precision)
+    fused = model_module._batch_norm
+    if arm == "keras":
+        model_module._batch_norm = keras_batch_norm
+    try:
+        model = model_module.build_model(model_config)
+    finally:
+        model_module._batch_norm = fused
+    compile_model(model, train_config, steps_per_epoch=100)
+    return model
+
+
+def seconds_per_step(model: Any, images: np.ndarray, labels: np.ndarray, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        model.train_on_batch(images, labels)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per arm and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    cores = configure_threads()
+    rng = np.random.default_rng(0)
+    images = rng.random((args.batch_size, 32, 32, 3), dtype=np.float32)
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, args.batch_size)]
+    models = {arm: build(arm, args.batch_size) for arm in ("fused", "keras")}
+    for model in models.values():  # tracing and oneDNN primitive caches
+        seconds_per_step(model, images, labels, 2)
+    per_round: dict[str, list[float]] = {arm: [] for arm in models}
+    for _ in range(args.rounds):
+        for arm, model in models.items():
+            per_round[arm].append(seconds_per_step(model, images, labels, args.steps))
+    medians = {arm: statistics.median(values) for arm, values in per_round.items()}
+    report = {
+        "batch_size": args.batch_size,
+        "cores": cores,
+        "arms": {
+            arm: {
+                "seconds_per_step": round(seconds, 3),
+                "images_per_second": round(args.batch_size / seconds, 1),
+                "rounds": [round(s, 3) for s in per_round[arm]],
+            }
+            for arm, seconds in medians.items()
+        },
+        "fused_speedup": round(medians["keras"] / medians["fused"], 2),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
