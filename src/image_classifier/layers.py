@@ -39,12 +39,15 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):  # type: ignore[
         if not fusable:
             return super().call(inputs, training=training, mask=mask)
 
-        shape = tf.shape(inputs)
         channels = inputs.shape[-1]
-        # The fused kernel takes NHWC: (batch, steps, channels) becomes (batch, steps, 1, channels).
-        images = tf.reshape(inputs, (-1, 1, 1, channels)) if rank == 2 else inputs
-        if rank == 3:
+        # The fused kernel takes NHWC: (batch, steps, channels) becomes (batch, steps, 1,
+        # channels) and (batch, channels) (batch, 1, 1, channels); the statistics are the same.
+        if rank == 4:
+            images = inputs
+        elif rank == 3:
             images = tf.expand_dims(inputs, 2)
+        else:
+            images = tf.reshape(inputs, (-1, 1, 1, channels))
         scale = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones((channels,))
         offset = tf.cast(self.beta, tf.float32) if self.center else tf.zeros((channels,))
         outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
@@ -65,5 +68,5 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):  # type: ignore[
             self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
         )
         if rank != 4:
-            outputs = tf.reshape(outputs, shape)
+            outputs = tf.reshape(outputs, tf.shape(inputs))
         return tf.cast(outputs, self.compute_dtype)
