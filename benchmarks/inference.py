@@ -4,7 +4,10 @@ Calls the SavedModel's ``serving_default`` signature (what TF Serving runs), on 
 CPU. Usage::
 
     .venv/bin/python benchmarks/inference.py [--model-dir saved_models/image_classifier]
-        [--batch-sizes 1,256] [--threads default|tuned]
+        [--version N] [--batch-sizes 1,256] [--threads default|tuned]
+
+``--version`` picks a version (default: the highest, the one servers pick); comparing two
+versions, run them alternately a few times each.
 
 ``--threads tuned`` runs with the TensorFlow threading ``image-classifier serve`` gives the
 model server (:func:`image_classifier.servable.tuned_thread_counts`); ``default`` lets
@@ -49,6 +52,7 @@ def images_per_second(servable, batch: int, seconds: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=DEFAULT_MODEL_BASE_PATH)
+    parser.add_argument("--version", type=int, help="default: the highest version")
     parser.add_argument("--seconds", type=float, default=10.0, help="per batch size")
     parser.add_argument("--batch-sizes", default="1,256")
     parser.add_argument("--threads", choices=["default", "tuned"], default="default")
@@ -62,7 +66,7 @@ def main() -> None:
         tf.config.threading.set_intra_op_parallelism_threads(threads[0])
         tf.config.threading.set_inter_op_parallelism_threads(threads[1])
 
-    servable = load_servable(args.model_dir)
+    servable = load_servable(args.model_dir, args.version)
     architecture = servable.metadata.get("architecture", {})
     report = {
         "model_version": servable.version,

@@ -6,11 +6,14 @@ pipeline. Two arms alternate in one process, several rounds each, and the table 
 median of each arm:
 
 - ``fused``: the model as ``build_model`` makes it (``layers.FusedBatchNormalization``);
-- ``keras``: the same model with Keras' own ``BatchNormalization``, the layer it replaced.
+- ``keras``: the same model with Keras' own ``BatchNormalization``, the layer it replaced;
+- ``v5-architecture``: version 5's architecture (``ModelConfig``'s defaults) under the same
+  recipe, the model the whitened stem and nine-token TCN replaced.
 
 Usage::
 
-    .venv/bin/python benchmarks/training.py [--batch-size 512] [--steps 8] [--rounds 3]
+    .venv/bin/python benchmarks/training.py [--arms fused,keras] [--batch-size 512]
+        [--steps 8] [--rounds 3]
 
 Run it with nothing else using the cores.
 """
@@ -27,9 +30,11 @@ from typing import Any
 import numpy as np
 
 from image_classifier import model as model_module
+from image_classifier.model import ModelConfig
 from image_classifier.train import compile_model, configure_threads, load_configs
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_tcn.json"
+ARMS = ("fused", "keras", "v5-architecture")
 
 
 def keras_batch_norm(name: str) -> Any:
@@ -42,6 +47,8 @@ def build(arm: str, batch_size: int) -> Any:
     import keras
 
     model_config, train_config = load_configs(RECIPE, train_overrides={"batch_size": batch_size})
+    if arm == "v5-architecture":
+        model_config = ModelConfig()
     keras.mixed_precision.set_global_policy(train_config.precision)
     fused = model_module._batch_norm
     if arm == "keras":
@@ -65,6 +72,9 @@ def seconds_per_step(model: Any, images: np.ndarray, labels: np.ndarray, steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--arms", default="fused,keras", help=f"comma-separated, of {', '.join(ARMS)}"
+    )
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per arm and round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -74,7 +84,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = rng.random((args.batch_size, 32, 32, 3), dtype=np.float32)
     labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, args.batch_size)]
-    models = {arm: build(arm, args.batch_size) for arm in ("fused", "keras")}
+    arms = args.arms.split(",")
+    if unknown := set(arms) - set(ARMS):
+        parser.error(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
+    models = {arm: build(arm, args.batch_size) for arm in arms}
     for model in models.values():  # tracing and oneDNN primitive caches
         seconds_per_step(model, images, labels, 2)
     per_round: dict[str, list[float]] = {arm: [] for arm in models}
@@ -93,7 +106,10 @@ def main() -> None:
             }
             for arm, seconds in medians.items()
         },
-        "fused_speedup": round(medians["keras"] / medians["fused"], 2),
+        # How many times longer each arm's step takes than the first arm's.
+        "step_time_ratio_to_first": {
+            arm: round(seconds / medians[arms[0]], 2) for arm, seconds in medians.items()
+        },
     }
     print(json.dumps(report, indent=2))
 

@@ -263,3 +263,22 @@ def test_train_no_tcn_builds_the_ablation() -> None:
     args = build_parser().parse_args(["train", "--no-tcn"])
     assert _given(args, _MODEL_FLAGS) == {"tcn": False}
     assert "tcn" not in _given(build_parser().parse_args(["train"]), _MODEL_FLAGS)
+
+
+def test_train_stem_and_crop_flags_reach_the_configs() -> None:
+    from image_classifier.cli.train import _MODEL_FLAGS, _TRAIN_FLAGS, _given
+    from image_classifier.errors import ConfigError
+    from image_classifier.train import load_configs
+
+    args = build_parser().parse_args(
+        ["train", "--whiten-patch", "2", "--token-pool", "2", "--crop-padding", "2"]
+    )
+    model_config, train_config = load_configs(
+        None,
+        model_overrides=_given(args, _MODEL_FLAGS),
+        train_overrides=_given(args, _TRAIN_FLAGS),
+    )
+    assert (model_config.whiten_patch, model_config.token_pool) == (2, 2)
+    assert train_config.crop_padding == 2
+    with pytest.raises(ConfigError, match="crop_padding"):
+        load_configs(None, train_overrides={"crop_padding": -1})

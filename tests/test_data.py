@@ -179,6 +179,31 @@ def test_jpeg_augmentation_re_encodes_in_the_parallel_pipeline() -> None:
     np.testing.assert_array_equal(_first_training_batch(data, JpegAugment(0.5, 50, 95)), sometimes)
 
 
+@pytest.mark.parametrize("padding", [0, 2])
+def test_crop_padding_bounds_the_shift(padding: int) -> None:
+    tf = pytest.importorskip("tensorflow", reason="the augmentation is TensorFlow")
+    from image_classifier.data import augment
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)), mode="reflect")
+    # Every crop of the padded image, and its mirror: the only outputs allowed.
+    crops = [
+        padded[dy : dy + 32, dx : dx + 32]
+        for dy in range(2 * padding + 1)
+        for dx in range(2 * padding + 1)
+    ]
+    allowed = crops + [crop[:, ::-1] for crop in crops]
+    outputs = [
+        augment(tf.constant(image), tf.constant([seed, 7], tf.int64), padding=padding).numpy()
+        for seed in range(40)
+    ]
+    for output in outputs:
+        assert any(np.array_equal(output, crop) for crop in allowed)
+    distinct = {output.tobytes() for output in outputs}
+    assert len(distinct) > (1 if padding == 0 else 8)  # it does move and mirror
+
+
 @pytest.mark.parametrize(
     ("probability", "low", "high"), [(-0.1, 50, 95), (1.5, 50, 95), (0.5, 0, 95), (0.5, 90, 80)]
 )

@@ -15,11 +15,14 @@ from image_classifier.model import (  # noqa: E402
     build_model,
     count_flops,
     flops_by_part,
+    init_whitening,
     parameters_by_part,
     receptive_field,
     sequence_length,
     tcn_stack,
+    token_grid_side,
     validate_config,
+    whitening_kernel,
 )
 
 SMALL = ModelConfig(stem_filters=(8, 16), tcn_filters=16, dropout=0.1)
@@ -156,6 +159,55 @@ def test_the_ablation_without_the_tcn_pools_the_stems_tokens() -> None:
     assert model(np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 10)
     with pytest.raises(ValueError, match="needs a stem"):
         build_model(ModelConfig(stem_filters=(), tcn=False))
+
+
+WHITENED = ModelConfig(
+    stem_filters=(8, 16), whiten_patch=2, token_pool=2, tcn_filters=16, dilations=(1, 2)
+)
+
+
+def test_whitening_and_token_pooling_shape_the_token_grid() -> None:
+    # 32 -> 31 (2x2 patches, no padding) -> 15 -> 7 -> 3 (token pooling): 9 tokens.
+    assert token_grid_side(WHITENED) == 3
+    assert sequence_length(WHITENED) == 9
+    model = build_model(WHITENED)
+    assert model.get_layer("stem_whiten").output.shape[1:] == (31, 31, 24)
+    assert model.get_layer("to_sequence").output.shape[1:] == (9, 16)
+    assert model(np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="too many stem stages"):
+        validate_config(ModelConfig(stem_filters=(8, 16, 32), whiten_patch=2, token_pool=4))
+    with pytest.raises(ValueError, match="need stem_filters"):
+        validate_config(ModelConfig(stem_filters=(), token_pool=2, dilations=(1, 2, 4, 8, 16)))
+
+
+def test_whitening_kernel_decorrelates_patches() -> None:
+    rng = np.random.default_rng(0)
+    # Strongly correlated pixels: one shared component plus a little noise per value.
+    base = rng.normal(size=(400, 8, 8, 1))
+    images = (base + 0.1 * rng.normal(size=(400, 8, 8, 3))).astype(np.float32)
+    kernel = whitening_kernel(images, 2)
+    assert kernel.shape == (2, 2, 3, 24)
+    np.testing.assert_array_equal(kernel[..., 12:], -kernel[..., :12])
+    responses = tf.nn.conv2d(images, kernel[..., :12], 1, "VALID").numpy().reshape(-1, 12)
+    covariance = responses.T @ responses / len(responses)
+    # Unit variance up to the epsilon that keeps the smallest directions finite.
+    np.testing.assert_allclose(covariance, np.eye(12), atol=0.05)
+
+
+def test_init_whitening_sets_the_frozen_first_layer_from_the_images() -> None:
+    images = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    model = build_model(WHITENED)
+    layer = model.get_layer("stem_whiten")
+    assert not layer.trainable and not layer.trainable_weights
+    init_whitening(model, images, WHITENED)
+    standardized = (images / 255.0 - np.asarray(WHITENED.mean)) / np.asarray(WHITENED.std)
+    np.testing.assert_allclose(
+        layer.get_weights()[0], whitening_kernel(standardized, 2), rtol=1e-4, atol=1e-4
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    before = layer.get_weights()[0].copy()
+    model.fit(images / 255.0, np.zeros((64, 10)), epochs=1, batch_size=32, verbose=0)
+    np.testing.assert_array_equal(layer.get_weights()[0], before)  # training leaves it alone
 
 
 @pytest.mark.parametrize("shape", [(32, 6, 6, 5), (32, 12, 5), (32, 5)], ids=["2d", "1d", "flat"])

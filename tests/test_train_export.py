@@ -3,6 +3,7 @@ model; re-exports, calibration and evaluation through the SavedModel's signature
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -39,7 +40,11 @@ from image_classifier.export import (  # noqa: E402
     reexport,
     serving_logits,
 )
-from image_classifier.model import ModelConfig, build_model  # noqa: E402
+from image_classifier.model import (  # noqa: E402
+    ModelConfig,
+    build_model,
+    init_whitening,
+)
 from image_classifier.preprocess import normalize, preprocess_image  # noqa: E402
 from image_classifier.servable import list_versions, load_servable  # noqa: E402
 from image_classifier.train import TrainConfig, TrainResult, train  # noqa: E402
@@ -92,6 +97,35 @@ def test_export_layout_is_what_tf_serving_loads(trained: TrainResult) -> None:
     assert len(history["loss"]) == 4 and len(history["val_accuracy"]) == 4
     assert (version_dir / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in version_dir.parent.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_a_whitened_stem_is_set_from_the_training_images_and_exported(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    config = ModelConfig(
+        stem_filters=(8, 16), whiten_patch=2, token_pool=2, tcn_filters=16, dilations=(1, 2)
+    )
+    splits = load_splits(cifar_dir, validation_size=TINY_TRAIN.validation_size)
+    result = train(
+        splits,
+        model_config=config,
+        train_config=dataclasses.replace(TINY_TRAIN, epochs=1),
+        model_base_path=tmp_path / "models",
+        run_dir=tmp_path / "run",
+    )
+    assert result.export_dir is not None
+    card = json.loads((result.export_dir / METADATA_FILE).read_text())
+    assert card["architecture"]["sequence_length"] == 9  # 31 -> 15 -> 7 -> 3x3 tokens
+    # The export carries the kernel train() computed from the training split's own statistics.
+    exported = build_model(ModelConfig.from_dict(card["model_config"]))
+    read_weights(exported, result.export_dir)
+    expected = build_model(ModelConfig.from_dict(card["model_config"]))
+    init_whitening(expected, splits.train.images, ModelConfig.from_dict(card["model_config"]))
+    kernel = exported.get_layer("stem_whiten").get_weights()[0]
+    np.testing.assert_allclose(
+        kernel, expected.get_layer("stem_whiten").get_weights()[0], rtol=1e-5, atol=1e-5
+    )
+    assert np.abs(kernel).max() > 0.1  # not the zeros a forgotten initialization would leave
 
 
 def test_signatures_have_the_serving_contract(trained: TrainResult) -> None:

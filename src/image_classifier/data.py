@@ -256,12 +256,18 @@ class JpegAugment:
             raise ConfigError(f"JPEG qualities must satisfy 1 <= min <= max <= 100: {self}")
 
 
-def augment(image: tf.Tensor, seed: tf.Tensor, jpeg: JpegAugment | None = None) -> tf.Tensor:
-    """CIFAR augmentation: random 32x32 crop of the 4-pixel reflect-padded image, random flip,
-    then (with ``jpeg``) a random JPEG re-encoding of some images."""
+def augment(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    jpeg: JpegAugment | None = None,
+    padding: int = AUGMENT_PADDING,
+) -> tf.Tensor:
+    """CIFAR augmentation: random 32x32 crop of the ``padding``-pixel reflect-padded image
+    (a shift of up to ``padding`` pixels), random flip, then (with ``jpeg``) a random JPEG
+    re-encoding of some images."""
     import tensorflow as tf
 
-    pad = AUGMENT_PADDING
+    pad = padding
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     cropped = tf.image.stateless_random_crop(padded, tf.shape(image), seed=crop_seed)
@@ -337,6 +343,7 @@ def make_tf_dataset(
     seed: int = 0,
     shard: Shard | None = None,
     jpeg: JpegAugment | None = None,
+    crop_padding: int = AUGMENT_PADDING,
 ) -> tf.data.Dataset:
     """Batched (float32 [0, 1] images, int labels); shuffled and augmented only when training.
 
@@ -350,7 +357,8 @@ def make_tf_dataset(
     make BatchNorm's batch statistics NaN and the workers must step in lockstep. Evaluation
     keeps every image of the worker's share.
 
-    ``jpeg`` adds random JPEG re-encoding to the training augmentation (:class:`JpegAugment`).
+    ``jpeg`` adds random JPEG re-encoding to the training augmentation (:class:`JpegAugment`);
+    ``crop_padding`` is how far its random crops shift the image.
     """
     import tensorflow as tf
 
@@ -366,7 +374,7 @@ def make_tf_dataset(
             whole = sharded_steps_per_epoch(len(dataset), batch_size) * batch_size
             ds = ds.take(whole).shard(shard.count, shard.index)
         ds = ds.map(
-            lambda pair, s: (augment(pair[0], s, jpeg), pair[1]),
+            lambda pair, s: (augment(pair[0], s, jpeg, crop_padding), pair[1]),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )

@@ -1,11 +1,15 @@
 """The classifier: a convolutional stem that turns the image into a token sequence, then a TCN.
 
 How the image becomes a sequence
-    The stem is two stages of 3x3 convolutions with 2x2 max-pooling (32x32 -> 16x16 -> 8x8).
-    Its 8x8 output grid is read in raster order (row by row, left to right) as a sequence of
-    64 tokens of ``tcn_filters`` channels. With no stem (``stem_filters=()``) the sequence is the
-    image itself: ``layout="rows"`` gives 32 steps of 96 values (one pixel row per step),
-    ``layout="raster"`` 1024 steps of 3 values (sequential CIFAR, as in the TCN paper).
+    The stem is stages of 3x3 convolutions, each halving the grid with 2x2 max-pooling. It opens
+    either with a trained 3x3 convolution (32x32 -> 16x16 -> 8x8 with two stages) or, with
+    ``whiten_patch=2``, with a frozen 2x2 patch-whitening convolution computed from the training
+    images (airbench's first layer; no padding, so 31x31 -> 15x15 -> 7x7). ``token_pool``
+    max-pools the last grid once more (7x7 -> 3x3). The grid is read in raster order (row by
+    row, left to right) as a sequence of tokens of ``stem_filters[-1]`` channels. With no stem
+    (``stem_filters=()``) the sequence is the image itself: ``layout="rows"`` gives 32 steps of
+    96 values (one pixel row per step), ``layout="raster"`` 1024 steps of 3 values (sequential
+    CIFAR, as in the TCN paper).
 
 The TCN (Bai, Kolter & Koltun 2018)
     Residual blocks, each two dilated *causal* 1-D convolutions (output ``t`` sees only inputs
@@ -13,8 +17,9 @@ The TCN (Bai, Kolter & Koltun 2018)
     the width changes). Dilations double per block, so the receptive field is
     ``1 + convs_per_block * (kernel_size - 1) * sum(dilations)`` steps; the classifier reads the
     **last** step, which therefore sees the whole sequence only if the receptive field covers it:
-    :func:`build_model` refuses a configuration where it does not. On the raster-ordered 8x8 grid,
-    dilation 8 links vertically adjacent tokens, so the stack mixes rows as well as columns.
+    :func:`build_model` refuses a configuration where it does not. On a raster-ordered grid of
+    side s, dilation s links vertically adjacent tokens, so the stack mixes rows as well as
+    columns.
 
 Input standardization (per-channel mean/std of the training set) is the model's first layer,
 so every caller sends float32 RGB in [0, 1]. The model returns logits; the export divides them by
@@ -28,6 +33,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 from image_classifier.constants import IMAGE_SIZE, INPUT_SHAPE, NUM_CLASSES
 from image_classifier.errors import ConfigError
 
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
 # CIFAR-10 training-set statistics; train.py recomputes them from the data actually used.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+WHITENING_SAMPLE = 5000
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,13 @@ class ModelConfig:
 
     stem_filters: tuple[int, ...] = (64, 128)
     stem_convs_per_stage: int = 2
+    # 0: the stem opens with a trained 3x3 convolution of ``stem_filters[0] // 2`` channels.
+    # p > 0: it opens with a frozen p x p patch-whitening convolution (no padding, so the
+    # grid loses p - 1 pixels), 2 * 3 * p * p channels set from the training images by
+    # :func:`whitening_kernel` (airbench's first layer: a head start for short training).
+    whiten_patch: int = 0
+    # Max-pool the stem's last grid by this factor before reading it as tokens (1: none).
+    token_pool: int = 1
     layout: Literal["raster", "rows"] = "raster"
     tcn_filters: int = 128
     kernel_size: int = 3
@@ -85,11 +100,18 @@ def check_config_keys(config_class: Any, values: dict[str, Any], what: str) -> N
         raise ConfigError(f"unknown {what} config keys: {sorted(unknown)} (known: {sorted(known)})")
 
 
+def token_grid_side(config: ModelConfig) -> int:
+    """Side of the square grid the stem turns into tokens (floor division at every pooling)."""
+    side = IMAGE_SIZE - max(0, config.whiten_patch - 1)
+    for _ in config.stem_filters:
+        side //= 2
+    return side // config.token_pool
+
+
 def sequence_length(config: ModelConfig) -> int:
     """Number of steps the TCN sees."""
     if config.stem_filters:
-        side: int = IMAGE_SIZE // (2 ** len(config.stem_filters))
-        return side * side
+        return token_grid_side(config) ** 2
     return IMAGE_SIZE if config.layout == "rows" else IMAGE_SIZE * IMAGE_SIZE
 
 
@@ -99,8 +121,12 @@ def receptive_field(config: ModelConfig) -> int:
 
 
 def validate_config(config: ModelConfig) -> None:
-    if IMAGE_SIZE % (2 ** len(config.stem_filters)) != 0:
-        raise ConfigError("too many stem stages for a 32x32 image")
+    if config.whiten_patch < 0 or config.token_pool < 1:
+        raise ConfigError("whiten_patch must be >= 0 and token_pool >= 1")
+    if (config.whiten_patch or config.token_pool > 1) and not config.stem_filters:
+        raise ConfigError("whiten_patch and token_pool shape the stem; they need stem_filters")
+    if config.stem_filters and token_grid_side(config) < 1:
+        raise ConfigError("too many stem stages (or too much token pooling) for a 32x32 image")
     if config.kernel_size < 2:
         raise ConfigError("kernel_size must be at least 2")
     if not config.dilations or any(d < 1 for d in config.dilations):
@@ -134,7 +160,9 @@ def build_model(config: ModelConfig | None = None) -> keras.Model:
 
     if config.stem_filters:
         x = _stem(x, config)
-        side: int = IMAGE_SIZE // (2 ** len(config.stem_filters))
+        if config.token_pool > 1:
+            x = layers.MaxPooling2D(config.token_pool, name="stem_token_pool")(x)
+        side = token_grid_side(config)
         x = layers.Reshape((side * side, config.stem_filters[-1]), name="to_sequence")(x)
     elif config.layout == "rows":
         x = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE * INPUT_SHAPE[2]), name="to_sequence")(x)
@@ -178,15 +206,27 @@ def _batch_norm(name: str) -> keras.layers.Layer:
 def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
     from keras import layers
 
-    x = layers.Conv2D(
-        config.stem_filters[0] // 2,
-        3,
-        padding="same",
-        use_bias=False,
-        kernel_initializer=_init(config),
-        name="stem_in",
-    )(x)
-    x = _batch_norm("stem_in_bn")(x)
+    if config.whiten_patch:
+        # Frozen: train.py sets its kernel from the data. Each whitened direction comes with
+        # its negation, so the ReLU after it keeps both signs.
+        x = layers.Conv2D(
+            whitening_channels(config.whiten_patch),
+            config.whiten_patch,
+            padding="valid",
+            use_bias=False,
+            trainable=False,
+            name="stem_whiten",
+        )(x)
+    else:
+        x = layers.Conv2D(
+            config.stem_filters[0] // 2,
+            3,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=_init(config),
+            name="stem_in",
+        )(x)
+        x = _batch_norm("stem_in_bn")(x)
     x = layers.ReLU(name="stem_in_relu")(x)
     for stage, filters in enumerate(config.stem_filters):
         for conv in range(config.stem_convs_per_stage):
@@ -205,6 +245,49 @@ def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
             x = _batch_norm(f"{prefix}_bn")(x)
             x = layers.ReLU(name=f"{prefix}_relu")(x)
     return x
+
+
+def whitening_channels(patch: int) -> int:
+    return 2 * INPUT_SHAPE[2] * patch * patch
+
+
+def whitening_kernel(images: np.ndarray, patch: int, *, epsilon: float = 5e-4) -> np.ndarray:
+    """Conv2D kernel (patch, patch, 3, 2 * 3 * patch**2) that whitens ``patch`` x ``patch`` patches.
+
+    ``images`` are standardized (N, H, W, 3) floats. The patches' (uncentred) covariance
+    ``C = V diag(lambda) V^T`` gives filters ``v_i / sqrt(lambda_i + epsilon)``: the filter
+    responses are decorrelated with unit variance. Each filter is followed by its negation.
+    """
+    _, height, width, channels = images.shape
+    rows = []
+    for dy in range(patch):
+        for dx in range(patch):
+            rows.append(images[:, dy : height - patch + 1 + dy, dx : width - patch + 1 + dx, :])
+    # (N, H', W', patch*patch, C) -> flat patches in (dy, dx, c) order, the kernel's layout.
+    patches = np.stack(rows, axis=3).reshape(-1, patch * patch * channels).astype(np.float64)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    filters = eigenvectors / np.sqrt(np.maximum(eigenvalues, 0.0) + epsilon)  # one per column
+    kernel = np.concatenate([filters, -filters], axis=1)
+    return kernel.reshape(patch, patch, channels, -1).astype(np.float32)
+
+
+def init_whitening(model: keras.Model, images: np.ndarray, config: ModelConfig) -> None:
+    """Set the stem's whitening kernel from uint8 training ``images`` (a no-op without one).
+
+    Patch statistics settle long before 5,000 images (airbench uses as many), so an evenly
+    spaced sample of that size keeps this to a second.
+    """
+    if not config.whiten_patch:
+        return
+    step = max(1, len(images) // WHITENING_SAMPLE)
+    sample = images[::step][:WHITENING_SAMPLE].astype(np.float32) / 255.0
+    standardized = (sample - np.asarray(config.mean, np.float32)) / np.asarray(
+        config.std, np.float32
+    )
+    model.get_layer("stem_whiten").set_weights(
+        [whitening_kernel(standardized, config.whiten_patch)]
+    )
 
 
 def tcn_stack(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:

@@ -37,6 +37,7 @@ from image_classifier.constants import (
     MODEL_NAME,
 )
 from image_classifier.data import (
+    AUGMENT_PADDING,
     DEFAULT_VALIDATION_SIZE,
     DataSplits,
     JpegAugment,
@@ -54,6 +55,7 @@ from image_classifier.model import (
     check_config_keys,
     count_flops,
     flops_by_part,
+    init_whitening,
     parameters_by_part,
     receptive_field,
     sequence_length,
@@ -97,12 +99,17 @@ class TrainConfig:
     jpeg_augment_probability: float = 0.5
     jpeg_quality_min: int = 50
     jpeg_quality_max: int = 95
+    # Random crops of the reflect-padded image shift it by up to this many pixels. Short runs
+    # fit better with less (airbench uses 2).
+    crop_padding: int = AUGMENT_PADDING
     # Fit a temperature on the validation split after training and export it calibrated.
     calibrate: bool = True
     verbose: int = 1
 
     def __post_init__(self) -> None:
         self.jpeg_augment()  # validates the JPEG settings when the config is made
+        if not 0 <= self.crop_padding < 32:
+            raise ConfigError(f"crop_padding must be in [0, 32), got {self.crop_padding}")
 
     def jpeg_augment(self) -> JpegAugment | None:
         if self.jpeg_augment_probability == 0:
@@ -431,6 +438,7 @@ def train(
             model = build_model(model_config)
         finally:
             keras.mixed_precision.set_global_policy("float32")
+        init_whitening(model, data.train.images, model_config)
         compile_model(model, train_config, steps_per_epoch)
 
     run_path = Path(run_dir) if run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -483,6 +491,7 @@ def train(
                 training=True,
                 seed=train_config.seed,
                 jpeg=train_config.jpeg_augment(),
+                crop_padding=train_config.crop_padding,
             ).map(lambda x, y: (x, _one_hot(y, num_classes)))
             val_ds = make_tf_dataset(
                 data.validation, batch_size=train_config.batch_size, training=False
@@ -746,6 +755,7 @@ def _fit_multi_worker(
             seed=config.seed,
             shard=shard,
             jpeg=config.jpeg_augment(),
+            crop_padding=config.crop_padding,
         ).map(one_hot)
 
     train_batches = strategy.distribute_datasets_from_function(train_input)

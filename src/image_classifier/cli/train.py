@@ -85,6 +85,11 @@ def register(subparsers: SubParsers) -> None:
         "--jpeg-quality-max", type=int, help=f"highest JPEG quality, default {t.jpeg_quality_max}"
     )
     g.add_argument(
+        "--crop-padding",
+        type=int,
+        help=f"random crops shift images by up to this many pixels, default {t.crop_padding}",
+    )
+    g.add_argument(
         "--calibrate",
         action=argparse.BooleanOptionalAction,
         help="fit a temperature on the validation split and export calibrated probabilities "
@@ -95,6 +100,17 @@ def register(subparsers: SubParsers) -> None:
         "--stem-filters",
         type=int_tuple,
         help=f"default {m.stem_filters}; empty string: no stem (pixel sequence)",
+    )
+    a.add_argument(
+        "--whiten-patch",
+        type=int,
+        help="open the stem with a frozen PxP patch-whitening convolution set from the data "
+        f"(default {m.whiten_patch}: a trained 3x3 convolution)",
+    )
+    a.add_argument(
+        "--token-pool",
+        type=int,
+        help=f"max-pool the stem's grid by this before the TCN, default {m.token_pool}",
     )
     a.add_argument("--layout", choices=["raster", "rows"], help=f"default {m.layout}")
     a.add_argument("--tcn-filters", type=int, help=f"default {m.tcn_filters}")
@@ -126,10 +142,13 @@ _TRAIN_FLAGS = (
     "jpeg_augment_probability",
     "jpeg_quality_min",
     "jpeg_quality_max",
+    "crop_padding",
     "calibrate",
 )
 _MODEL_FLAGS = (
     "stem_filters",
+    "whiten_patch",
+    "token_pool",
     "layout",
     "tcn_filters",
     "kernel_size",
