@@ -267,8 +267,7 @@ def augment(
     re-encoding of some images."""
     import tensorflow as tf
 
-    pad = padding
-    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     cropped = tf.image.stateless_random_crop(padded, tf.shape(image), seed=crop_seed)
     flipped = tf.image.stateless_random_flip_left_right(cropped, seed=flip_seed)
