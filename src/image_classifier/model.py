@@ -278,10 +278,14 @@ def init_whitening(model: keras.Model, images: np.ndarray, config: ModelConfig) 
     Patch statistics settle long before 5,000 images (airbench uses as many), so an evenly
     spaced sample of that size keeps this to a second.
     """
+    from image_classifier.preprocess import normalize
+
     if not config.whiten_patch:
         return
     step = max(1, len(images) // WHITENING_SAMPLE)
-    sample = images[::step][:WHITENING_SAMPLE].astype(np.float32) / 255.0
+    sample = normalize(images[::step][:WHITENING_SAMPLE])
+    # What the "standardize" layer (built from the same config statistics) passes on, computed
+    # in float32 here: under mixed precision that layer would round it to bfloat16.
     standardized = (sample - np.asarray(config.mean, np.float32)) / np.asarray(
         config.std, np.float32
     )
