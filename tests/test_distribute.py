@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -164,6 +165,36 @@ def test_the_workers_batches_together_are_the_single_machine_batches() -> None:
         orders.append([example for batch in reference for example, _ in batch])
     assert len(set(orders[0][:64])) == 64  # no example twice in an epoch
     assert orders[0] != orders[1]  # and each epoch is reshuffled
+
+
+@pytest.mark.parametrize("shard", [None, Shard(1, 2)])
+def test_the_endless_pipeline_is_the_epochs_one_after_another(shard: Shard | None) -> None:
+    """``repeat=True`` (one iterator for a whole run) changes nothing the model sees: its
+    batches are exactly those of successive per-epoch iterators, partial last batch, reshuffled
+    orders and augmented pixels included."""
+    from image_classifier.data import JpegAugment, make_tf_dataset
+
+    data = _tiny_dataset(70)
+    settings: dict[str, Any] = {
+        "batch_size": 16,
+        "training": True,
+        "seed": 3,
+        "shard": shard,
+        "jpeg": JpegAugment(0.5),
+    }
+    per_epoch = make_tf_dataset(data, **settings)
+    epochs = [_examples(per_epoch) for _ in range(3)]
+    steps = len(epochs[0])
+    assert steps == (5 if shard is None else 4)
+    endless = _examples(make_tf_dataset(data, **settings, repeat=True).take(3 * steps))
+    assert len(endless) == 3 * steps
+    for epoch, expected in enumerate(epochs):
+        got = endless[epoch * steps : (epoch + 1) * steps]
+        assert [[i for i, _ in batch] for batch in got] == [[i for i, _ in b] for b in expected]
+        for batch, reference in zip(got, expected, strict=True):
+            for (_, image), (_, wanted) in zip(batch, reference, strict=True):
+                np.testing.assert_array_equal(image, wanted)
+    assert [i for i, _ in endless[0]] != [i for i, _ in endless[steps]]  # reshuffled
 
 
 def test_validation_shards_partition_the_validation_set() -> None:

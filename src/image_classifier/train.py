@@ -492,6 +492,7 @@ def train(
                 seed=train_config.seed,
                 jpeg=train_config.jpeg_augment(),
                 crop_padding=train_config.crop_padding,
+                repeat=True,
             ).map(lambda x, y: (x, _one_hot(y, num_classes)))
             val_ds = make_tf_dataset(
                 data.validation, batch_size=train_config.batch_size, training=False
@@ -500,6 +501,9 @@ def train(
                 train_ds,
                 validation_data=val_ds,
                 epochs=train_config.epochs,
+                # With an endless dataset and the epoch's length given, Keras keeps one
+                # iterator for the whole run instead of opening one (and a spare) per epoch.
+                steps_per_epoch=steps_per_epoch,
                 callbacks=all_callbacks,
                 verbose=train_config.verbose,
                 shuffle=False,  # the tf.data pipeline shuffles
@@ -756,6 +760,7 @@ def _fit_multi_worker(
             shard=shard,
             jpeg=config.jpeg_augment(),
             crop_padding=config.crop_padding,
+            repeat=True,
         ).map(one_hot)
 
     train_batches = strategy.distribute_datasets_from_function(train_input)
@@ -822,14 +827,11 @@ def _fit_multi_worker(
     model.stop_training = False
     logs: dict[str, float] = {}
     callback_list.on_train_begin()
+    # One iterator over the endless pipeline for the whole run, as fit keeps one: the same
+    # per-epoch orders, so one worker reproduces the fit path's run.
+    iterator = iter(train_batches)
     for epoch in range(config.epochs):
         callback_list.on_epoch_begin(epoch)
-        if epoch:
-            # Keras' fit creates one spare iterator at each epoch's end (its EpochIterator), and
-            # every iterator draws the next shuffle order; drawing one too keeps this loop on
-            # the same per-epoch orders as fit, so one worker reproduces the fit path's run.
-            iter(train_batches)
-        iterator = iter(train_batches)
         totals = np.zeros(3)
         for step in range(steps_per_epoch):
             callback_list.on_train_batch_begin(step)
