@@ -365,7 +365,7 @@ def make_tf_dataset(
     serves a whole run. A training loop that instead opens an iterator per epoch pays for
     tf.data's iterator start each time (graph rewrites over the in-memory training set, the
     autotuner starting over, the shuffle buffer and parallel map refilling); on two busy cores
-    that start has cost up to a minute per epoch.
+    that start has cost up to 50 s in an epoch of a full run.
     """
     import tensorflow as tf
 
