@@ -1,14 +1,14 @@
 """How long Keras' ``fit`` waits for the first batch of each epoch, per-epoch iterators against
 one endless iterator, side by side.
 
-``train`` feeds ``fit`` an endless pipeline (``make_tf_dataset(..., repeat=True)``) with
-``steps_per_epoch``, so one tf.data iterator serves the whole run. The alternative, a finite
-pipeline, makes ``fit`` open a new iterator every epoch (and a spare one at each epoch's end);
-each start rewrites the pipeline's graph over the in-memory training set, restarts the
-autotuner and refills the shuffle buffer and the parallel JPEG map before the first step can
-run. This script fits a deliberately trivial model on the recipe's real input pipeline
-(``configs/cifar10_tcn.json``: batch, crops, JPEG augmentation), so the input side is what is
-timed, and alternates the two arms run by run:
+``train`` feeds ``fit`` an endless pipeline (``training_batches``, ``make_tf_dataset(...,
+repeat=True)``) with ``steps_per_epoch``, so one tf.data iterator serves the whole run. The
+alternative, a finite pipeline, makes ``fit`` open a new iterator every epoch (and a spare
+one at each epoch's end); each start rewrites the pipeline's graph over the in-memory training
+set, restarts the autotuner and refills the shuffle buffer and the parallel JPEG map before the
+first step can run. This script fits a deliberately trivial model on the recipe's real input
+pipeline (``configs/cifar10_tcn.json``: batch, crops, JPEG augmentation), so the input side is
+what is timed, and alternates the two arms run by run:
 
 - ``per-epoch``: ``repeat=False``, no ``steps_per_epoch`` (what ``train`` did before);
 - ``endless``: ``repeat=True`` and ``steps_per_epoch`` (what ``train`` does).
@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 
 from image_classifier.constants import CIFAR10_CLASSES
-from image_classifier.data import Dataset, load_splits, make_tf_dataset
-from image_classifier.train import _one_hot, configure_threads, load_configs
+from image_classifier.data import Dataset, load_splits
+from image_classifier.train import configure_threads, load_configs, training_batches
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_tcn.json"
 ARMS = ("per-epoch", "endless")
@@ -60,15 +60,7 @@ def run(arm: str, data: Dataset, epochs: int) -> list[dict[str, float]]:
 
     _, config = load_configs(RECIPE)
     endless = arm == "endless"
-    batches = make_tf_dataset(
-        data,
-        batch_size=config.batch_size,
-        training=True,
-        seed=config.seed,
-        jpeg=config.jpeg_augment(),
-        crop_padding=config.crop_padding,
-        repeat=endless,
-    ).map(lambda x, y: (x, _one_hot(y, 10)))
+    batches = training_batches(data, config, repeat=endless)
     steps = -(-len(data) // config.batch_size)
 
     inputs = keras.Input((32, 32, 3))

@@ -39,6 +39,7 @@ from image_classifier.constants import (
 from image_classifier.data import (
     AUGMENT_PADDING,
     DEFAULT_VALIDATION_SIZE,
+    Dataset,
     DataSplits,
     JpegAugment,
     Shard,
@@ -485,15 +486,7 @@ def train(
             _fit_multi_worker(model, plan, data, train_config, steps_per_epoch, all_callbacks)
         else:
             num_classes = len(class_names)
-            train_ds = make_tf_dataset(
-                data.train,
-                batch_size=train_config.batch_size,
-                training=True,
-                seed=train_config.seed,
-                jpeg=train_config.jpeg_augment(),
-                crop_padding=train_config.crop_padding,
-                repeat=True,
-            ).map(lambda x, y: (x, _one_hot(y, num_classes)))
+            train_ds = training_batches(data.train, train_config)
             val_ds = make_tf_dataset(
                 data.validation, batch_size=train_config.batch_size, training=False
             ).map(lambda x, y: (x, _one_hot(y, num_classes)))
@@ -615,6 +608,27 @@ def train(
         interrupted=interrupted,
         metadata=metadata,
     )
+
+
+def training_batches(
+    dataset: Dataset, config: TrainConfig, *, shard: Shard | None = None, repeat: bool = True
+) -> tf.data.Dataset:
+    """The training pipeline ``config`` describes, with one-hot labels for the loss.
+
+    Endless by default: ``fit`` (given ``steps_per_epoch``) and the multi-worker loop keep one
+    iterator for the whole run (``make_tf_dataset``'s ``repeat``).
+    """
+    num_classes = len(dataset.class_names)
+    return make_tf_dataset(
+        dataset,
+        batch_size=config.batch_size,
+        training=True,
+        seed=config.seed,
+        shard=shard,
+        jpeg=config.jpeg_augment(),
+        crop_padding=config.crop_padding,
+        repeat=repeat,
+    ).map(lambda x, y: (x, _one_hot(y, num_classes)))
 
 
 def _one_hot(labels: Any, num_classes: int) -> Any:
@@ -752,16 +766,7 @@ def _fit_multi_worker(
             context.num_input_pipelines,
             context.num_replicas_in_sync // context.num_input_pipelines,
         )
-        return make_tf_dataset(
-            data.train,
-            batch_size=config.batch_size,
-            training=True,
-            seed=config.seed,
-            shard=shard,
-            jpeg=config.jpeg_augment(),
-            crop_padding=config.crop_padding,
-            repeat=True,
-        ).map(one_hot)
+        return training_batches(data.train, config, shard=shard)
 
     train_batches = strategy.distribute_datasets_from_function(train_input)
     val_batches = make_tf_dataset(
