@@ -271,7 +271,17 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
     from image_classifier.train import load_configs
 
     args = build_parser().parse_args(
-        ["train", "--whiten-patch", "2", "--token-pool", "2", "--crop-padding", "2"]
+        [
+            "train",
+            "--whiten-patch",
+            "2",
+            "--token-pool",
+            "2",
+            "--crop-padding",
+            "2",
+            "--readout",
+            "max",
+        ]
     )
     model_config, train_config = load_configs(
         None,
@@ -279,6 +289,7 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
         train_overrides=_given(args, _TRAIN_FLAGS),
     )
     assert (model_config.whiten_patch, model_config.token_pool) == (2, 2)
+    assert model_config.readout == "max"
     assert train_config.crop_padding == 2
     with pytest.raises(ConfigError, match="crop_padding"):
         load_configs(None, train_overrides={"crop_padding": -1})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,40 @@ def test_the_ablation_without_the_tcn_pools_the_stems_tokens() -> None:
         build_model(ModelConfig(stem_filters=(), tcn=False))
 
 
+@pytest.mark.parametrize(
+    ("readout", "reduce"),
+    [
+        ("last", lambda steps: steps[:, -1]),
+        ("mean", lambda steps: steps.mean(axis=1)),
+        ("max", lambda steps: steps.max(axis=1)),
+    ],
+)
+def test_the_classifier_reads_the_tcns_output_steps_as_configured(
+    readout: str, reduce: Callable[[np.ndarray], np.ndarray]
+) -> None:
+    config = ModelConfig(
+        stem_filters=(8, 16),
+        whiten_patch=2,
+        token_pool=2,
+        tcn_filters=16,
+        dilations=(1, 2),
+        readout=readout,
+    )
+    model = build_model(config)
+    images = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    last_block = [layer for layer in model.layers if layer.name.startswith("tcn")][-1]
+    steps = keras.Model(model.input, last_block.output)(images).numpy()
+    features = reduce(steps)
+    logits_layer = model.get_layer("logits")
+    kernel, bias = (w.numpy() for w in logits_layer.weights)
+    np.testing.assert_allclose(model(images), features @ kernel + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_readout_is_refused() -> None:
+    with pytest.raises(ValueError, match="readout"):
+        validate_config(ModelConfig(readout="first"))  # type: ignore[arg-type]
+
+
 WHITENED = ModelConfig(
     stem_filters=(8, 16), whiten_patch=2, token_pool=2, tcn_filters=16, dilations=(1, 2)
 )
@@ -194,6 +230,26 @@ def test_whitening_kernel_decorrelates_patches() -> None:
     np.testing.assert_allclose(covariance, np.eye(12), atol=0.05)
 
 
+def test_the_whitening_epsilon_damps_the_faint_directions() -> None:
+    rng = np.random.default_rng(0)
+    # Pixel values with one loud shared component and faint independent noise.
+    base = rng.normal(size=(400, 8, 8, 1))
+    images = (base + 0.03 * rng.normal(size=(400, 8, 8, 3))).astype(np.float32)
+    patches = np.stack(
+        [images[:, dy : 7 + dy, dx : 7 + dx] for dy in range(2) for dx in range(2)], axis=3
+    ).reshape(-1, 12)
+    eigenvalues = np.linalg.eigvalsh(patches.T.astype(np.float64) @ patches / len(patches))
+    for epsilon in (5e-4, 1e-2):
+        kernel = whitening_kernel(images, 2, epsilon=epsilon)[..., :12]
+        responses = tf.nn.conv2d(images, kernel, 1, "VALID").numpy().reshape(-1, 12)
+        variances = np.sort(responses.var(axis=0) + responses.mean(axis=0) ** 2)
+        # Each direction comes out with variance lambda / (lambda + epsilon).
+        np.testing.assert_allclose(variances, eigenvalues / (eigenvalues + epsilon), rtol=1e-3)
+    assert eigenvalues[0] / (eigenvalues[0] + 1e-2) < 0.2  # the faint ones are damped
+    with pytest.raises(ValueError, match="whiten_epsilon"):
+        validate_config(ModelConfig(whiten_epsilon=0.0))
+
+
 def test_init_whitening_sets_the_frozen_first_layer_from_the_images() -> None:
     images = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     model = build_model(WHITENED)
@@ -203,6 +259,14 @@ def test_init_whitening_sets_the_frozen_first_layer_from_the_images() -> None:
     standardized = (images / 255.0 - np.asarray(WHITENED.mean)) / np.asarray(WHITENED.std)
     np.testing.assert_allclose(
         layer.get_weights()[0], whitening_kernel(standardized, 2), rtol=1e-4, atol=1e-4
+    )
+    damped = dataclasses.replace(WHITENED, whiten_epsilon=1e-2)
+    init_whitening(model, images, damped)  # the config's epsilon reaches the kernel
+    np.testing.assert_allclose(
+        layer.get_weights()[0],
+        whitening_kernel(standardized, 2, epsilon=1e-2),
+        rtol=1e-4,
+        atol=1e-4,
     )
     model.compile(optimizer="sgd", loss="mse")
     before = layer.get_weights()[0].copy()

@@ -108,6 +108,12 @@ def register(subparsers: SubParsers) -> None:
         f"(default {m.whiten_patch}: a trained 3x3 convolution)",
     )
     a.add_argument(
+        "--whiten-epsilon",
+        type=float,
+        help="added to the patch covariance's eigenvalues: directions of lower variance are "
+        f"damped, not scaled to unit variance (default {m.whiten_epsilon})",
+    )
+    a.add_argument(
         "--token-pool",
         type=int,
         help=f"max-pool the stem's grid by this before the TCN, default {m.token_pool}",
@@ -118,6 +124,11 @@ def register(subparsers: SubParsers) -> None:
     a.add_argument("--dilations", type=int_tuple, help=f"default {m.dilations}")
     a.add_argument("--dropout", type=float, help=f"default {m.dropout}")
     a.add_argument("--norm", choices=["batch", "layer"], help=f"default {m.norm}")
+    a.add_argument(
+        "--readout",
+        choices=["last", "mean", "max"],
+        help=f"what the classifier reads from the TCN's output steps (default {m.readout})",
+    )
     a.add_argument(
         "--tcn",
         action=argparse.BooleanOptionalAction,
@@ -148,6 +159,7 @@ _TRAIN_FLAGS = (
 _MODEL_FLAGS = (
     "stem_filters",
     "whiten_patch",
+    "whiten_epsilon",
     "token_pool",
     "layout",
     "tcn_filters",
@@ -156,6 +168,7 @@ _MODEL_FLAGS = (
     "dropout",
     "norm",
     "tcn",
+    "readout",
 )
 
 
