@@ -281,6 +281,8 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
             "2",
             "--readout",
             "max",
+            "--convs-per-block",
+            "1",
         ]
     )
     model_config, train_config = load_configs(
@@ -289,7 +291,7 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
         train_overrides=_given(args, _TRAIN_FLAGS),
     )
     assert (model_config.whiten_patch, model_config.token_pool) == (2, 2)
-    assert model_config.readout == "max"
+    assert (model_config.readout, model_config.convs_per_block) == ("max", 1)
     assert train_config.crop_padding == 2
     with pytest.raises(ConfigError, match="crop_padding"):
         load_configs(None, train_overrides={"crop_padding": -1})

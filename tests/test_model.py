@@ -197,6 +197,12 @@ def test_an_unknown_readout_is_refused() -> None:
         validate_config(ModelConfig(readout="first"))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("field", [{"kernel_size": 1}, {"convs_per_block": 0}])
+def test_a_tcn_block_without_a_convolution_or_a_tap_is_refused(field: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="kernel_size must be at least 2 and convs_per_block"):
+        validate_config(ModelConfig(**field))  # type: ignore[arg-type]
+
+
 WHITENED = ModelConfig(
     stem_filters=(8, 16), whiten_patch=2, token_pool=2, tcn_filters=16, dilations=(1, 2)
 )

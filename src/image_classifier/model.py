@@ -141,8 +141,8 @@ def validate_config(config: ModelConfig) -> None:
         raise ConfigError("too many stem stages (or too much token pooling) for a 32x32 image")
     if config.readout not in ("last", "mean", "max"):
         raise ConfigError(f"readout must be last, mean or max, not {config.readout!r}")
-    if config.kernel_size < 2:
-        raise ConfigError("kernel_size must be at least 2")
+    if config.kernel_size < 2 or config.convs_per_block < 1:
+        raise ConfigError("kernel_size must be at least 2 and convs_per_block at least 1")
     if not config.dilations or any(d < 1 for d in config.dilations):
         raise ConfigError("dilations must be positive integers")
     if not 0.0 <= config.dropout < 1.0:

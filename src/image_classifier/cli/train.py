@@ -122,6 +122,11 @@ def register(subparsers: SubParsers) -> None:
     a.add_argument("--tcn-filters", type=int, help=f"default {m.tcn_filters}")
     a.add_argument("--kernel-size", type=int, help=f"default {m.kernel_size}")
     a.add_argument("--dilations", type=int_tuple, help=f"default {m.dilations}")
+    a.add_argument(
+        "--convs-per-block",
+        type=int,
+        help=f"causal convolutions in each TCN residual block, default {m.convs_per_block}",
+    )
     a.add_argument("--dropout", type=float, help=f"default {m.dropout}")
     a.add_argument("--norm", choices=["batch", "layer"], help=f"default {m.norm}")
     a.add_argument(
@@ -164,6 +169,7 @@ _MODEL_FLAGS = (
     "layout",
     "tcn_filters",
     "kernel_size",
+    "convs_per_block",
     "dilations",
     "dropout",
     "norm",
