@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 WHITENING_SAMPLE = 5000
+# What the classifier can read from the TCN's output steps (``ModelConfig.readout``).
+Readout = Literal["last", "mean", "max"]
+READOUTS: tuple[str, ...] = get_args(Readout)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class ModelConfig:
     # sequence classifier; it alone has seen every token) or the mean / max over all steps
     # (each step has seen the tokens up to it). Over the full recipe the mean tied the last
     # step and the max trained badly (README, Model).
-    readout: Literal["last", "mean", "max"] = "last"
+    readout: Readout = "last"
     num_classes: int = NUM_CLASSES
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
@@ -139,8 +142,8 @@ def validate_config(config: ModelConfig) -> None:
         raise ConfigError("whiten_patch and token_pool shape the stem; they need stem_filters")
     if config.stem_filters and token_grid_side(config) < 1:
         raise ConfigError("too many stem stages (or too much token pooling) for a 32x32 image")
-    if config.readout not in ("last", "mean", "max"):
-        raise ConfigError(f"readout must be last, mean or max, not {config.readout!r}")
+    if config.readout not in READOUTS:
+        raise ConfigError(f"readout must be one of {READOUTS}, not {config.readout!r}")
     if config.kernel_size < 2 or config.convs_per_block < 1:
         raise ConfigError("kernel_size must be at least 2 and convs_per_block at least 1")
     if not config.dilations or any(d < 1 for d in config.dilations):

@@ -12,7 +12,7 @@ from image_classifier.constants import DEFAULT_MODEL_BASE_PATH
 
 
 def register(subparsers: SubParsers) -> None:
-    from image_classifier.model import ModelConfig
+    from image_classifier.model import READOUTS, ModelConfig
     from image_classifier.train import DISTRIBUTE_MODES, TrainConfig
 
     m, t = ModelConfig(), TrainConfig()
@@ -131,7 +131,7 @@ def register(subparsers: SubParsers) -> None:
     a.add_argument("--norm", choices=["batch", "layer"], help=f"default {m.norm}")
     a.add_argument(
         "--readout",
-        choices=["last", "mean", "max"],
+        choices=READOUTS,
         help=f"what the classifier reads from the TCN's output steps (default {m.readout})",
     )
     a.add_argument(
