@@ -8,7 +8,9 @@ median of each arm:
 - ``fused``: the model as ``build_model`` makes it (``layers.FusedBatchNormalization``);
 - ``keras``: the same model with Keras' own ``BatchNormalization``, the layer it replaced;
 - ``v5-architecture``: version 5's architecture (``ModelConfig``'s defaults) under the same
-  recipe, the model the whitened stem and nine-token TCN replaced.
+  recipe, the model the whitened stem and nine-token TCN replaced;
+- ``keras-conv1d``: the TCN with Keras' own ``Conv1D``, the layer ``layers.CausalConv1D``
+  replaced (same arithmetic and variables).
 
 Usage::
 
@@ -29,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from image_classifier import layers as layers_module
 from image_classifier import model as model_module
 from image_classifier.model import ModelConfig
 from image_classifier.train import compile_model, configure_threads, load_configs
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_tcn.json"
-ARMS = ("fused", "keras", "v5-architecture")
+ARMS = ("fused", "keras", "v5-architecture", "keras-conv1d")
 
 
 def keras_batch_norm(name: str) -> Any:
@@ -51,12 +54,16 @@ def build(arm: str, batch_size: int) -> Any:
         model_config = ModelConfig()
     keras.mixed_precision.set_global_policy(train_config.precision)
     fused = model_module._batch_norm
+    causal = layers_module.CausalConv1D
     if arm == "keras":
         model_module._batch_norm = keras_batch_norm
+    if arm == "keras-conv1d":
+        layers_module.CausalConv1D = keras.layers.Conv1D
     try:
         model = model_module.build_model(model_config)
     finally:
         model_module._batch_norm = fused
+        layers_module.CausalConv1D = causal
     compile_model(model, train_config, steps_per_epoch=100)
     return model
 

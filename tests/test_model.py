@@ -339,3 +339,82 @@ def test_the_model_normalizes_with_the_fused_layer_and_reads_keras_checkpoints(
     copy = build_model(SMALL)
     copy.load_weights(path)
     np.testing.assert_allclose(copy(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("taps", "dilation", "steps"),
+    [(3, 1, 9), (3, 4, 9), (2, 8, 9), (5, 2, 7), (3, 16, 9)],
+    ids=["d1", "d4", "k2-d8", "k5-d2", "padding-longer-than-the-sequence"],
+)
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_the_causal_convolution_computes_keras_conv1d(
+    taps: int, dilation: int, steps: int, dtype: str
+) -> None:
+    """Same outputs and gradients (inputs, kernel, bias) as Keras' causal ``Conv1D`` with the
+    same variables, which it replaces only for speed."""
+    from image_classifier.layers import CausalConv1D
+
+    rng = np.random.default_rng(taps * 100 + dilation)
+    x = tf.constant(rng.normal(size=(4, steps, 6)).astype(np.float32))
+    settings = dict(
+        filters=5, kernel_size=taps, padding="causal", dilation_rate=dilation, activation="relu"
+    )
+    layers = [keras.layers.Conv1D(**settings, dtype=dtype), CausalConv1D(**settings, dtype=dtype)]
+    layers[0].build(x.shape)
+    layers[1].build(x.shape)
+    kernel = rng.normal(size=(taps, 6, 5)).astype(np.float32)
+    bias = rng.normal(size=5).astype(np.float32)
+    results = []
+    for layer in layers:
+        assert [tuple(v.shape) for v in layer.weights] == [(taps, 6, 5), (5,)]
+        layer.set_weights([kernel, bias])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(layer(x), tf.float32)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        results.append([y, *tape.gradient(loss, [x, layer.kernel, layer.bias])])
+    tolerance = 1e-5 if dtype == "float32" else 5e-2  # bfloat16 keeps 8 bits of mantissa
+    assert results[1][0].dtype == results[0][0].dtype
+    assert float(tf.reduce_max(tf.abs(results[0][0]))) > 0  # the ReLU let something through
+    for ours, theirs in zip(results[1], results[0], strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=tolerance, atol=tolerance)
+
+
+def test_the_causal_convolution_runs_keras_code_where_it_does_not_apply() -> None:
+    """An unknown sequence length (or another padding) is Keras' own Conv1D path."""
+    from image_classifier.layers import CausalConv1D
+
+    x = np.random.default_rng(2).normal(size=(2, 7, 3)).astype(np.float32)
+    inputs = keras.Input((None, 3))
+    ours = CausalConv1D(4, 3, padding="causal", dilation_rate=2)
+    model = keras.Model(inputs, ours(inputs))
+    reference = keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2)
+    reference.build((None, None, 3))
+    reference.set_weights(ours.get_weights())
+    np.testing.assert_allclose(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    same = CausalConv1D(4, 3, padding="same")
+    same.build((None, 7, 3))
+    plain = keras.layers.Conv1D(4, 3, padding="same")
+    plain.build((None, 7, 3))
+    plain.set_weights(same.get_weights())
+    np.testing.assert_allclose(same(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_tcn_convolves_with_the_causal_layer() -> None:
+    from image_classifier.layers import CausalConv1D
+
+    model = build_model(SMALL)
+    convs = [
+        layer for layer in model.layers if layer.name.startswith("tcn") and "conv" in layer.name
+    ]
+    assert len(convs) == len(SMALL.dilations) * SMALL.convs_per_block
+    assert all(isinstance(layer, CausalConv1D) for layer in convs)
+    # Still counted as convolutions: the TCN's FLOPs and parameters stay on the card.
+    assert flops_by_part(model)["tcn"] > 0
+    # The point of the layer: no SpaceToBatchND reshuffling around the dilated convolutions
+    # (a 1x1 skip convolution, where the widths differ, is undilated and never had any).
+    stack = _stack_model(SMALL, steps=9)
+    graph = tf.function(stack).get_concrete_function(tf.TensorSpec((1, 9, 4), tf.float32)).graph
+    op_types = {op.type for op in graph.get_operations()}
+    assert "MatMul" in op_types or "BatchMatMulV2" in op_types
+    assert not op_types & {"SpaceToBatchND", "BatchToSpaceND"}

@@ -70,3 +70,46 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):  # type: ignore[
         if rank != 4:
             outputs = tf.reshape(outputs, tf.shape(inputs))
         return tf.cast(outputs, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="image_classifier")
+class CausalConv1D(keras.layers.Conv1D):  # type: ignore[misc]
+    """Keras' causal ``Conv1D``, computed as one matrix multiply over shifted inputs.
+
+    On a CPU, TensorFlow runs a dilated convolution as SpaceToBatchND, a Conv2D and
+    BatchToSpaceND; on the TCN's 9-step sequences that reshuffling around a small multiply
+    costs more than the multiply (a one-image call of the export: median 3.7 ms with it,
+    3.2 ms with this layer). Output step ``t`` is
+    ``sum_i x[t - (k - 1 - i) * d] @ kernel[i]``: stacking the ``k`` shifted copies of the
+    causally padded input along the channels makes it one ``(steps, k * in) @ (k * in, out)``
+    product, the same arithmetic. The variables are ``Conv1D``'s, so weights trained before
+    this layer read into it unchanged; anything else (strides, groups, another padding or an
+    unknown length) runs Keras' own code.
+    """
+
+    def call(self, inputs: Any) -> Any:
+        steps, channels = inputs.shape[1], inputs.shape[-1]
+        if (
+            self.padding != "causal"
+            or self.strides != (1,)
+            or self.groups != 1
+            or self.data_format != "channels_last"
+            or steps is None
+            or channels is None
+        ):
+            return super().call(inputs)
+        (taps,) = self.kernel_size
+        (dilation,) = self.dilation_rate
+        padded = keras.ops.pad(inputs, ((0, 0), ((taps - 1) * dilation, 0), (0, 0)))
+        shifted = keras.ops.concatenate(
+            [padded[:, tap * dilation : tap * dilation + steps, :] for tap in range(taps)],
+            axis=-1,
+        )
+        # (taps, in, out) -> (taps * in, out): row tap * in + c multiplies channel c of tap.
+        kernel = keras.ops.reshape(self.kernel, (taps * channels, self.filters))
+        outputs = keras.ops.matmul(shifted, kernel)
+        if self.use_bias:
+            outputs = keras.ops.add(outputs, self.bias)
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs

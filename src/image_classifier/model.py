@@ -320,11 +320,13 @@ def tcn_stack(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
     """Residual blocks of dilated causal convolutions over ``x`` (batch, steps, channels)."""
     from keras import layers
 
+    from image_classifier.layers import CausalConv1D
+
     for block, dilation in enumerate(config.dilations):
         prefix = f"tcn{block}_d{dilation}"
         residual = x
         for conv in range(config.convs_per_block):
-            x = layers.Conv1D(
+            x = CausalConv1D(
                 config.tcn_filters,
                 config.kernel_size,
                 padding="causal",
