@@ -283,6 +283,7 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
             "max",
             "--convs-per-block",
             "1",
+            "--lookahead",
         ]
     )
     model_config, train_config = load_configs(
@@ -293,5 +294,6 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
     assert (model_config.whiten_patch, model_config.token_pool) == (2, 2)
     assert (model_config.readout, model_config.convs_per_block) == ("max", 1)
     assert train_config.crop_padding == 2
+    assert train_config.lookahead
     with pytest.raises(ConfigError, match="crop_padding"):
         load_configs(None, train_overrides={"crop_padding": -1})

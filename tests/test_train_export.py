@@ -47,7 +47,14 @@ from image_classifier.model import (  # noqa: E402
 )
 from image_classifier.preprocess import normalize, preprocess_image  # noqa: E402
 from image_classifier.servable import list_versions, load_servable  # noqa: E402
-from image_classifier.train import TrainConfig, TrainResult, train  # noqa: E402
+from image_classifier.train import (  # noqa: E402
+    LOOKAHEAD_DECAY,
+    LOOKAHEAD_EVERY,
+    TrainConfig,
+    TrainResult,
+    lookahead_decay,
+    train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -367,3 +374,96 @@ def test_calibrating_reexport_of_an_uncalibrated_version(
     again = reexport(calibrated)
     assert json.loads((again / METADATA_FILE).read_text())["temperature"] == temperature
     np.testing.assert_allclose(load_servable(again).predict(images), served, atol=1e-6)
+
+
+def test_lookahead_decay_follows_airbenchs_schedule() -> None:
+    total = 1000
+    assert lookahead_decay(500, total) == pytest.approx(LOOKAHEAD_DECAY / 8)
+    assert lookahead_decay(5, total) < 1e-6  # no pull while the weights move fast
+    decays = [lookahead_decay(step, total) for step in range(1, total)]
+    assert decays == sorted(decays) and decays[-1] < LOOKAHEAD_DECAY
+    assert lookahead_decay(total, total) == 1.0  # the run ends on the slow copy
+
+
+def _lookahead_model() -> keras.Model:
+    from image_classifier.layers import FusedBatchNormalization
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,))
+    frozen = keras.layers.Dense(6, name="frozen", trainable=False)
+    x = frozen(inputs)
+    x = keras.layers.Dense(8)(x)
+    x = FusedBatchNormalization(momentum=0.5)(x)
+    outputs = keras.layers.Dense(2)(keras.layers.ReLU()(x))
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    return model
+
+
+def test_lookahead_pulls_the_weights_into_a_slow_copy_and_ends_on_it() -> None:
+    """``fit`` with the callback ends exactly where the same steps end when the pulls are done
+    by hand (moving statistics included); frozen weights are untouched."""
+    from image_classifier.train import lookahead_callback
+
+    rng = np.random.default_rng(0)
+    steps, batch = 12, 8  # pulls after steps 5 and 10, and the last one (decay 1) after 12
+    x = rng.normal(size=(steps * batch, 4)).astype(np.float32)
+    y = rng.normal(size=(steps * batch, 2)).astype(np.float32)
+
+    fitted = _lookahead_model()
+    frozen_before = [w.numpy().copy() for w in fitted.get_layer("frozen").weights]
+    fitted.fit(
+        x,
+        y,
+        batch_size=batch,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[lookahead_callback(steps)],
+    )
+
+    by_hand = _lookahead_model()
+    pulled = list(by_hand.trainable_weights) + [
+        w
+        for layer in by_hand.layers
+        if "Normalization" in type(layer).__name__
+        for w in layer.non_trainable_weights
+    ]
+    assert len(pulled) == len(by_hand.trainable_weights) + 2  # the moving mean and variance
+    slow = [w.numpy().copy() for w in pulled]
+    for step in range(1, steps + 1):
+        by_hand.train_on_batch(
+            x[(step - 1) * batch : step * batch], y[(step - 1) * batch : step * batch]
+        )
+        if step % LOOKAHEAD_EVERY == 0 or step == steps:
+            decay = lookahead_decay(step, steps)
+            for i, weight in enumerate(pulled):
+                slow[i] = decay * slow[i] + (1 - decay) * weight.numpy()
+                weight.assign(slow[i])
+
+    plain = _lookahead_model()
+    plain.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    for ours, expected in zip(fitted.get_weights(), by_hand.get_weights(), strict=True):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    # The pulls changed the outcome, and never touched a frozen layer.
+    assert any(
+        not np.allclose(ours, without)
+        for ours, without in zip(fitted.get_weights(), plain.get_weights(), strict=True)
+    )
+    for before, after in zip(frozen_before, fitted.get_layer("frozen").weights, strict=True):
+        np.testing.assert_array_equal(after.numpy(), before)
+
+
+def test_lookahead_is_refused_for_distributed_training(cifar_dir: Path, tmp_path: Path) -> None:
+    from image_classifier.errors import ConfigError
+
+    splits = load_splits(cifar_dir, validation_size=TINY_TRAIN.validation_size)
+    with pytest.raises(ConfigError, match="lookahead"):
+        train(
+            splits,
+            model_config=TINY_MODEL,
+            train_config=dataclasses.replace(TINY_TRAIN, lookahead=True),
+            model_base_path=tmp_path,
+            distribute="mirrored",
+        )
+    assert not any(tmp_path.iterdir())

@@ -105,6 +105,9 @@ class TrainConfig:
     crop_padding: int = AUGMENT_PADDING
     # Fit a temperature on the validation split after training and export it calibrated.
     calibrate: bool = True
+    # Lookahead (Zhang et al. 2019) on airbench's schedule: every LOOKAHEAD_EVERY steps the
+    # weights and normalization statistics are pulled into a slow copy, which they then take.
+    lookahead: bool = False
     verbose: int = 1
 
     def __post_init__(self) -> None:
@@ -325,6 +328,60 @@ def one_cycle_schedule(peak: float, total_steps: int, warmup_fraction: float) ->
     return OneCycle()
 
 
+# airbench's Lookahead: a slow copy of the weights, updated every 5 steps as
+# slow = decay * slow + (1 - decay) * weights, after which the weights become the slow copy.
+# decay ramps up as LOOKAHEAD_DECAY * (step / total) ** 3 (no pull early in training, when the
+# weights move fast), and the last step sets the weights to the slow copy (decay 1).
+LOOKAHEAD_EVERY: Final = 5
+LOOKAHEAD_DECAY: Final = 0.95**5
+
+
+def lookahead_decay(step: int, total_steps: int) -> float:
+    """The slow copy's share at ``step`` (1-based) of ``total_steps``; 1 at the last step."""
+    if step >= total_steps:
+        return 1.0
+    return float(LOOKAHEAD_DECAY * (step / total_steps) ** 3)
+
+
+def lookahead_callback(total_steps: int) -> keras.callbacks.Callback:
+    """Keras callback applying :func:`lookahead_decay`'s Lookahead to the model it trains.
+
+    The slow copy covers the trainable weights and the normalization layers' moving statistics
+    (as airbench's covers its buffers), so the weights the run ends with and the statistics they
+    are evaluated with come from the same average; frozen layers (the whitening, the input
+    standardization) are left exactly as they are. Keras runs a batch's callbacks before the
+    epoch's validation, so the last step's pull is what the last epoch is scored and saved as.
+    """
+    import keras
+    import tensorflow as tf
+
+    class Lookahead(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.step = 0
+            self.fast = list(self.model.trainable_weights) + [
+                weight
+                for layer in self.model.layers
+                if isinstance(layer, keras.layers.BatchNormalization)
+                for weight in layer.non_trainable_weights
+            ]
+            self.slow = [tf.Variable(tf.convert_to_tensor(v), trainable=False) for v in self.fast]
+
+            @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
+            def pull(decay: tf.Tensor) -> None:
+                for fast, slow in zip(self.fast, self.slow, strict=True):
+                    slow.assign(decay * slow + (1.0 - decay) * fast.value)
+                    fast.assign(slow)
+
+            self.pull = pull
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            self.step += 1
+            if self.step % LOOKAHEAD_EVERY == 0 or self.step == total_steps:
+                self.pull(tf.constant(lookahead_decay(self.step, total_steps), tf.float32))
+
+    return Lookahead()
+
+
 def training_loss(config: TrainConfig, *, reduction: str = "sum_over_batch_size") -> Any:
     """The loss both training engines minimise: cross-entropy on logits, label smoothing."""
     import keras
@@ -409,6 +466,9 @@ def train(
 
     train_config = train_config or TrainConfig()
     model_config = model_config or ModelConfig()
+    if train_config.lookahead and distribute != "none":
+        # Its callback assigns the model's variables between steps, outside the replicas.
+        raise ConfigError("lookahead trains in one process only (distribute 'none')")
     class_names = data.train.class_names
     mean, std = channel_stats(data.train.images)  # three channels each
     model_config = dataclasses.replace(
@@ -458,6 +518,8 @@ def train(
             save_weights_only=True,
         ),
     ]
+    if train_config.lookahead:
+        all_callbacks.append(lookahead_callback(steps_per_epoch * train_config.epochs))
     if train_config.early_stopping_patience:
         all_callbacks.append(
             keras.callbacks.EarlyStopping(

@@ -95,6 +95,12 @@ def register(subparsers: SubParsers) -> None:
         help="fit a temperature on the validation split and export calibrated probabilities "
         "(default on)",
     )
+    g.add_argument(
+        "--lookahead",
+        action=argparse.BooleanOptionalAction,
+        help="airbench's Lookahead: every 5 steps the weights are pulled into a slow copy, "
+        "more strongly as training ends, and finish as it (default off)",
+    )
     a = p.add_argument_group("architecture")
     a.add_argument(
         "--stem-filters",
@@ -160,6 +166,7 @@ _TRAIN_FLAGS = (
     "jpeg_quality_max",
     "crop_padding",
     "calibrate",
+    "lookahead",
 )
 _MODEL_FLAGS = (
     "stem_filters",
