@@ -328,10 +328,9 @@ def one_cycle_schedule(peak: float, total_steps: int, warmup_fraction: float) ->
     return OneCycle()
 
 
-# airbench's Lookahead: a slow copy of the weights, updated every 5 steps as
-# slow = decay * slow + (1 - decay) * weights, after which the weights become the slow copy.
-# decay ramps up as LOOKAHEAD_DECAY * (step / total) ** 3 (no pull early in training, when the
-# weights move fast), and the last step sets the weights to the slow copy (decay 1).
+# airbench's Lookahead: every LOOKAHEAD_EVERY steps, slow = decay * slow + (1 - decay) * weights,
+# then the weights become the slow copy. decay ramps up as LOOKAHEAD_DECAY * (step / total) ** 3
+# (no pull early in training, when the weights move fast); the last step ends on the copy.
 LOOKAHEAD_EVERY: Final = 5
 LOOKAHEAD_DECAY: Final = 0.95**5
 

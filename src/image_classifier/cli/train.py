@@ -13,7 +13,7 @@ from image_classifier.constants import DEFAULT_MODEL_BASE_PATH
 
 def register(subparsers: SubParsers) -> None:
     from image_classifier.model import READOUTS, ModelConfig
-    from image_classifier.train import DISTRIBUTE_MODES, TrainConfig
+    from image_classifier.train import DISTRIBUTE_MODES, LOOKAHEAD_EVERY, TrainConfig
 
     m, t = ModelConfig(), TrainConfig()
     p = subparsers.add_parser(
@@ -98,8 +98,8 @@ def register(subparsers: SubParsers) -> None:
     g.add_argument(
         "--lookahead",
         action=argparse.BooleanOptionalAction,
-        help="airbench's Lookahead: every 5 steps the weights are pulled into a slow copy, "
-        "more strongly as training ends, and finish as it (default off)",
+        help=f"airbench's Lookahead: every {LOOKAHEAD_EVERY} steps the weights are pulled into "
+        "a slow copy, more strongly as training ends, and finish as it (default off)",
     )
     a = p.add_argument_group("architecture")
     a.add_argument(
