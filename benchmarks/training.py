@@ -40,10 +40,12 @@ RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_tcn.json"
 ARMS = ("fused", "keras", "v5-architecture", "keras-conv1d")
 
 
-def keras_batch_norm(name: str) -> Any:
+def keras_batch_norm(config: ModelConfig, name: str) -> Any:
     import keras
 
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+    return keras.layers.BatchNormalization(
+        momentum=0.9, epsilon=1e-5, scale=config.norm_scale, name=name
+    )
 
 
 def build(arm: str, batch_size: int) -> Any:

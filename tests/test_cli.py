@@ -6,6 +6,7 @@ import base64
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,9 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
             "--convs-per-block",
             "1",
             "--lookahead",
+            "--no-norm-scale",
+            "--norm-bias-lr-scale",
+            "64",
         ]
     )
     model_config, train_config = load_configs(
@@ -295,5 +299,37 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
     assert (model_config.readout, model_config.convs_per_block) == ("max", 1)
     assert train_config.crop_padding == 2
     assert train_config.lookahead
+    assert not model_config.norm_scale and train_config.norm_bias_lr_scale == 64
     with pytest.raises(ConfigError, match="crop_padding"):
         load_configs(None, train_overrides={"crop_padding": -1})
+
+
+def test_tensorflow_notices_are_dropped_and_everything_else_passes(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # C++ writes to the file descriptor, so the filter works on fd 2, not on sys.stderr.
+    import os
+
+    from image_classifier.tfnotices import FLOAT16_NOTICE, stderr_without
+
+    with stderr_without((FLOAT16_NOTICE,)):
+        os.write(2, f"E0000 util.cc:131] {FLOAT16_NOTICE}. Falling back to Eigen.\n".encode())
+        os.write(2, b"a real error\n")
+    err = capfd.readouterr().err
+    assert err == "a real error\n"
+
+
+def test_loading_a_float16_export_prints_no_tensorflow_notice(
+    tiny_export: Callable[..., Path], tmp_path: Path
+) -> None:
+    """In a fresh process (the notice prints once per process), as a server loads a model."""
+    version_dir = tiny_export(tmp_path)
+    code = (
+        "from image_classifier.servable import load_servable; import numpy as np; "
+        f"print(load_servable({str(version_dir)!r}).predict(np.zeros((1, 32, 32, 3), 'f4')).shape)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "(1, 10)"
+    assert "DT_HALF" not in done.stderr, done.stderr

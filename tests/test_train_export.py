@@ -28,6 +28,7 @@ from image_classifier.constants import (  # noqa: E402
     SERVING_BYTES,
     SERVING_DEFAULT,
     SERVING_PIXELS,
+    WEIGHT_STORAGES,
 )
 from image_classifier.data import load_splits  # noqa: E402
 from image_classifier.errors import ExportError  # noqa: E402
@@ -39,6 +40,8 @@ from image_classifier.export import (  # noqa: E402
     read_weights,
     reexport,
     serving_logits,
+    serving_probabilities,
+    storage_copy,
 )
 from image_classifier.model import (  # noqa: E402
     ModelConfig,
@@ -129,8 +132,10 @@ def test_a_whitened_stem_is_set_from_the_training_images_and_exported(
     expected = build_model(ModelConfig.from_dict(card["model_config"]))
     init_whitening(expected, splits.train.images, ModelConfig.from_dict(card["model_config"]))
     kernel = exported.get_layer("stem_whiten").get_weights()[0]
+    # Stored as float16: rounded by at most 2^-11 of its value (a whole float16 step where the
+    # two computations straddle a rounding boundary).
     np.testing.assert_allclose(
-        kernel, expected.get_layer("stem_whiten").get_weights()[0], rtol=1e-5, atol=1e-5
+        kernel, expected.get_layer("stem_whiten").get_weights()[0], rtol=1e-3, atol=1e-5
     )
     assert np.abs(kernel).max() > 0.1  # not the zeros a forgotten initialization would leave
 
@@ -179,7 +184,9 @@ def test_every_signature_serves_softmax_of_the_averaged_logits_over_t(tmp_path: 
     pixels = synthetic_images(np.arange(10), seed=4)
     images = normalize(pixels)
     temperature = 0.05  # far from 1, so a signature that ignored it would fail
-    logits = serving_logits(model, images, flip_tta=True).numpy()
+    # The export serves the weights rounded to float16 (the default storage), exactly.
+    served_model = storage_copy(model, TINY_MODEL, "float16")
+    logits = serving_logits(served_model, images, flip_tta=True).numpy()
     expected = softmax(logits, temperature)
     assert np.abs(expected - softmax(logits)).max() > 0.01
     export_model(
@@ -370,10 +377,148 @@ def test_calibrating_reexport_of_an_uncalibrated_version(
     with pytest.raises(ExportError, match="differs from softmax"):
         wrong(calibrated)
 
-    # A plain re-export of a calibrated version keeps its temperature and its answers.
+    # A plain re-export of a calibrated version keeps its temperature, its float16 weights and
+    # its answers.
     again = reexport(calibrated)
-    assert json.loads((again / METADATA_FILE).read_text())["temperature"] == temperature
+    card = json.loads((again / METADATA_FILE).read_text())
+    assert (card["temperature"], card["weight_storage"]) == (temperature, "float16")
     np.testing.assert_allclose(load_servable(again).predict(images), served, atol=1e-6)
+
+
+def _variables_bytes(version_dir: Path) -> int:
+    return sum(p.stat().st_size for p in (version_dir / "variables").rglob("*") if p.is_file())
+
+
+def test_float16_storage_halves_the_variables_and_serves_the_rounded_weights(
+    tmp_path: Path,
+) -> None:
+    config = dataclasses.replace(TINY_MODEL, dropout=0.1)  # seed states: variables, not weights
+    keras.utils.set_random_seed(7)
+    model = build_model(config)
+    images = np.random.default_rng(0).random((16, 32, 32, 3), dtype=np.float32)
+    # Flip averaging with float16 weights is what train() exports (the fixture's version).
+    contract = {"flip_tta": False, "temperature": 0.5}
+    exports = {
+        storage: export_model(
+            model,
+            config,
+            tmp_path / storage,
+            class_names=CIFAR10_CLASSES,
+            metadata={},
+            weight_storage=storage,
+            **contract,
+        )
+        for storage in WEIGHT_STORAGES
+    }
+    assert _variables_bytes(exports["float16"]) < 0.6 * _variables_bytes(exports["float32"])
+    served = {}
+    for storage, version_dir in exports.items():
+        assert json.loads((version_dir / METADATA_FILE).read_text())["weight_storage"] == storage
+        signature = tf.saved_model.load(str(version_dir)).signatures[SERVING_DEFAULT]
+        probabilities = signature(images=tf.constant(images))[OUTPUT_KEY]
+        assert probabilities.dtype == tf.float32
+        served[storage] = probabilities.numpy()
+
+    rounded = build_model(config)
+    rounded.set_weights([w.astype(np.float16).astype(np.float32) for w in model.get_weights()])
+    expected = serving_probabilities(rounded, images, **contract).numpy()
+    np.testing.assert_allclose(served["float16"], expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(served["float16"], served["float32"], rtol=0, atol=2e-3)
+    assert np.abs(served["float16"] - served["float32"]).max() > 0  # it did round
+
+    # One float16 variable per weight and nothing else but the checkpoint's own object graph
+    # (a serialized proto, not a weight); the Keras model's float32 variables are not saved.
+    stored = tf.train.load_checkpoint(
+        str(exports["float16"] / "variables" / "variables")
+    ).get_variable_to_dtype_map()
+    assert stored.pop("_CHECKPOINTABLE_OBJECT_GRAPH") == tf.string
+    assert len(stored) == len(model.weights)
+    assert set(stored.values()) == {tf.float16}
+
+    # read_weights reads either layout into a fresh model that answers as the version does.
+    for storage, version_dir in exports.items():
+        fresh = build_model(config)
+        read_weights(fresh, version_dir)
+        answers = serving_probabilities(fresh, images, **contract).numpy()
+        np.testing.assert_allclose(answers, served[storage], rtol=0, atol=1e-6)
+    # A model of another config is refused, weight by weight.
+    with pytest.raises(ExportError, match=r"missing \['tcn0_d1_skip/bias'"):
+        read_weights(build_model(dataclasses.replace(config, tcn_filters=8)), exports["float16"])
+    with pytest.raises(ExportError, match=r"logits/kernel .* has shape \(16, 10\)"):
+        read_weights(build_model(dataclasses.replace(config, num_classes=5)), exports["float16"])
+
+
+def test_reexport_keeps_the_weight_storage_and_the_cli_converts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from image_classifier.cli import main
+
+    keras.utils.set_random_seed(7)
+    model = build_model(TINY_MODEL)
+    evaluation = tmp_path / "evaluation_validation.json"
+    evaluation.write_text("{}")
+    source = export_model(
+        model,
+        TINY_MODEL,
+        tmp_path / "models",
+        class_names=CIFAR10_CLASSES,
+        metadata={},
+        temperature=0.5,
+        weight_storage="float32",
+        extra_files={evaluation.name: evaluation},
+    )
+    images = np.random.default_rng(1).random((8, 32, 32, 3), dtype=np.float32)
+    source_answers = load_servable(source).predict(images)
+
+    again = reexport(source)
+    card = json.loads((again / METADATA_FILE).read_text())
+    assert card["weight_storage"] == "float32" and "weight_storage_conversion" not in card
+    np.testing.assert_array_equal(load_servable(again).predict(images), source_answers)
+
+    assert main(["export", "--from", str(source), "--weight-storage", "float16"]) == 0
+    converted = Path(json.loads(capsys.readouterr().out)["export_dir"])
+    card = json.loads((converted / METADATA_FILE).read_text())
+    assert card["weight_storage"] == "float16"
+    conversion = card["weight_storage_conversion"]
+    assert conversion["from"] == "float32" and conversion["source_version"] == 1
+    assert 0 < conversion["max_probability_difference"] < 2e-3
+    assert not (converted / evaluation.name).exists()  # it described the float32 answers
+    rounded = storage_copy(model, TINY_MODEL, "float16")
+    np.testing.assert_allclose(
+        load_servable(converted).predict(images),
+        serving_probabilities(rounded, images, flip_tta=False, temperature=0.5).numpy(),
+        rtol=0,
+        atol=1e-6,
+    )
+    # A storage argparse does not know is a usage error (exit status 2), not a traceback.
+    with pytest.raises(SystemExit) as exited:
+        main(["export", "--from", str(source), "--weight-storage", "bfloat16"])
+    assert exited.value.code == 2
+    with pytest.raises(ExportError, match="weight storage"):
+        reexport(source, weight_storage="bfloat16")  # type: ignore[arg-type]
+
+
+def test_a_weight_beyond_float16_range_is_refused_and_nothing_published(tmp_path: Path) -> None:
+    model = build_model(TINY_MODEL)
+    kernel = model.get_layer("logits").kernel
+    too_large = kernel.numpy()
+    too_large[0, 0] = 1e5  # float16 ends at 65504
+    kernel.assign(too_large)
+    base = tmp_path / "models"
+    with pytest.raises(ExportError, match=r"logits/kernel holds 100000, beyond float16"):
+        export_model(model, TINY_MODEL, base, class_names=CIFAR10_CLASSES, metadata={})
+    assert list(base.iterdir()) == []  # no version, no staging or assets directory
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(TMP_PREFIX)]
+    with pytest.raises(ExportError, match="weight storage must be one of"):
+        export_model(
+            model,
+            TINY_MODEL,
+            base,
+            class_names=CIFAR10_CLASSES,
+            metadata={},
+            weight_storage="bfloat16",  # type: ignore[arg-type]
+        )
+    assert list(base.iterdir()) == []
 
 
 def test_lookahead_decay_follows_airbenchs_schedule() -> None:
@@ -467,3 +612,43 @@ def test_lookahead_is_refused_for_distributed_training(cifar_dir: Path, tmp_path
             distribute="mirrored",
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_norm_biases_take_scaled_steps_and_everything_else_the_same() -> None:
+    """``norm_bias_lr_scale`` multiplies the normalization biases' steps, weight decay included
+    as it was, and leaves every other variable's step exactly as without it."""
+    from image_classifier.train import compile_model, norm_bias_paths
+
+    config = dataclasses.replace(TINY_MODEL, norm_scale=False)
+    rng = np.random.default_rng(1)
+    images = rng.random((16, 32, 32, 3), dtype=np.float32)
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]
+
+    def one_step(scale: float) -> tuple[keras.Model, dict[str, np.ndarray]]:
+        keras.utils.set_random_seed(5)
+        model = build_model(config)
+        compile_model(model, dataclasses.replace(TINY_TRAIN, norm_bias_lr_scale=scale), 10)
+        before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+        model.train_on_batch(images, labels)
+        return model, {v.path: v.numpy() - before[v.path] for v in model.trainable_variables}
+
+    model, plain = one_step(1.0)
+    _, boosted = one_step(64.0)
+    biases = norm_bias_paths(model)
+    # Every BatchNorm of the stem and the TCN, and no scale: --no-norm-scale freezes it at 1.
+    assert len(biases) == sum("norm" in layer.name or "_bn" in layer.name for layer in model.layers)
+    assert not any(v.path.endswith("/gamma") for v in model.variables)
+    for path, step in plain.items():
+        if path in biases:
+            # The first step from zero biases: no decay term, so exactly 64x.
+            assert np.abs(step).max() > 0
+            np.testing.assert_allclose(boosted[path], 64 * step, rtol=1e-4, atol=1e-9)
+        else:
+            np.testing.assert_allclose(boosted[path], step, rtol=1e-5, atol=1e-9)
+
+
+def test_norm_bias_lr_scale_must_be_positive() -> None:
+    from image_classifier.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="norm_bias_lr_scale"):
+        dataclasses.replace(TINY_TRAIN, norm_bias_lr_scale=0.0)

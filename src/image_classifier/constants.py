@@ -78,6 +78,13 @@ SERVING_PIXELS: Final = "serving_pixels"
 PIXELS_INPUT_KEY: Final = "pixels"
 PIXELS_BYTES: Final = IMAGE_SIZE * IMAGE_SIZE * CHANNELS
 
+# How an export stores its weights; its serving graph computes in float32 either way. float16
+# halves the variables (the graph casts them to float32 where it reads them); float32 is the
+# layout of versions 1 to 6, which re-export unchanged.
+WeightStorage = Literal["float32", "float16"]
+WEIGHT_STORAGES: Final[tuple[WeightStorage, ...]] = ("float32", "float16")
+DEFAULT_WEIGHT_STORAGE: Final[WeightStorage] = "float16"
+
 # Files written next to the SavedModel inside a version directory.
 CLASS_NAMES_ASSET: Final = "class_names.txt"
 METADATA_FILE: Final = "metadata.json"

@@ -74,6 +74,10 @@ class ModelConfig:
     dilations: tuple[int, ...] = (1, 2, 4, 8, 16)
     convs_per_block: int = 2
     norm: Literal["batch", "layer"] = "batch"
+    # False: normalization layers learn only a bias, their scale fixed at 1 (airbench's
+    # BatchNorm). Before a ReLU and a scale-free next layer, a learned scale mostly changes the
+    # step size the weights see, which the learning rate and weight decay already set.
+    norm_scale: bool = True
     dropout: float = 0.0
     # "fan_in_uniform" is U(+-1/sqrt(fan_in)) (PyTorch's default); it trained to higher accuracy
     # than Keras' glorot_uniform in the recipe search (see README, Model).
@@ -214,15 +218,15 @@ def _norm(config: ModelConfig, name: str) -> keras.layers.Layer:
     from keras import layers
 
     if config.norm == "layer":
-        return layers.LayerNormalization(name=name)
-    return _batch_norm(name)
+        return layers.LayerNormalization(scale=config.norm_scale, name=name)
+    return _batch_norm(config, name)
 
 
-def _batch_norm(name: str) -> keras.layers.Layer:
+def _batch_norm(config: ModelConfig, name: str) -> keras.layers.Layer:
     # Keras' arithmetic on TensorFlow's fused kernel: 1.4x faster training steps on the CPU.
     from image_classifier.layers import FusedBatchNormalization
 
-    return FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+    return FusedBatchNormalization(momentum=0.9, epsilon=1e-5, scale=config.norm_scale, name=name)
 
 
 def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
@@ -248,7 +252,7 @@ def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
             kernel_initializer=_init(config),
             name="stem_in",
         )(x)
-        x = _batch_norm("stem_in_bn")(x)
+        x = _batch_norm(config, "stem_in_bn")(x)
     x = layers.ReLU(name="stem_in_relu")(x)
     for stage, filters in enumerate(config.stem_filters):
         for conv in range(config.stem_convs_per_stage):
@@ -264,7 +268,7 @@ def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
             if conv == 0:
                 # Pool right after the first conv: the rest of the stage runs at 1/4 the cost.
                 x = layers.MaxPooling2D(2, name=f"{prefix}_pool")(x)
-            x = _batch_norm(f"{prefix}_bn")(x)
+            x = _batch_norm(config, f"{prefix}_bn")(x)
             x = layers.ReLU(name=f"{prefix}_relu")(x)
     return x
 

@@ -129,8 +129,11 @@ def load_servable(path: str | os.PathLike[str], version: int | None = None) -> S
     """Load ``path`` (a base path or a version directory) with ``tf.saved_model.load``."""
     import tensorflow as tf
 
+    from image_classifier.tfnotices import float16_notice_said_quietly
+
     version_dir = resolve_version_dir(path, version)
     table = read_signature_table(version_dir)
+    float16_notice_said_quietly()  # exports store float16 weights: TensorFlow's notice, not here
     try:
         loaded = tf.saved_model.load(str(version_dir))
     except (OSError, ValueError) as exc:

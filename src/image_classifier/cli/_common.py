@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from typing import TypeAlias
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -31,17 +30,6 @@ def flag_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-# What TensorFlow's shared libraries print to stderr while they load, whatever
-# TF_CPP_MIN_LOG_LEVEL says (the C++ logger is not configured yet): an absl notice, the oneDNN
-# notice (once per library that links oneDNN) and the CPU-features notice.
-_LOAD_BANNERS = (
-    "WARNING: All log messages before absl::InitializeLog() is called",
-    "oneDNN custom operations are on",
-    "cpu_feature_guard.cc",
-    "To enable the following instructions:",
-)
-
-
 def quiet_tensorflow(log_level: str | None) -> None:
     """Import TensorFlow now, without its load-time banners on stderr, unless debugging.
 
@@ -55,17 +43,7 @@ def quiet_tensorflow(log_level: str | None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     if "tensorflow" in sys.modules:
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401 - imported for its side effect: loaded once, quietly
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
-                if not any(banner in line for banner in _LOAD_BANNERS):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
+    from image_classifier.tfnotices import LOAD_BANNERS, stderr_without
+
+    with stderr_without(LOAD_BANNERS):
+        import tensorflow  # noqa: F401 - imported for its side effect: loaded once, quietly

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from image_classifier.cli._common import SubParsers
+from image_classifier.constants import WEIGHT_STORAGES
 
 
 def register(subparsers: SubParsers) -> None:
@@ -18,7 +19,8 @@ def register(subparsers: SubParsers) -> None:
         "of the base path with this release's signatures and warmup data. For upgrading a "
         "shipped model's serving contract without retraining. With --calibrate, a temperature "
         "is fitted on the validation split recorded in the card and the new version serves "
-        "calibrated probabilities (same top class as the averaged logits).",
+        "calibrated probabilities (same top class as the averaged logits). The weights keep "
+        "the source's storage unless --weight-storage says otherwise.",
     )
     parser.add_argument(
         "--from",
@@ -48,6 +50,14 @@ def register(subparsers: SubParsers) -> None:
         "--validation-size", type=int, help="default: the size recorded in the model card"
     )
     parser.add_argument("--seed", type=int, help="split seed; default: the card's")
+    parser.add_argument(
+        "--weight-storage",
+        choices=WEIGHT_STORAGES,
+        help="how the new version stores its weights (it computes in float32 either way): "
+        "float16 halves the variables; converting checks the new version against the rounded "
+        "weights and records the largest probability difference from the source in the card "
+        "(default: the source's storage; versions without one in their card are float32)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -70,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         args.model_base_path,
         version=args.version,
         calibration_data=calibration_data,
+        weight_storage=args.weight_storage,
     )
     print(json.dumps({"export_dir": str(written)}, indent=2))
     return 0

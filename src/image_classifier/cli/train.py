@@ -59,6 +59,12 @@ def register(subparsers: SubParsers) -> None:
         "--learning-rate", type=float, help=f"peak LR at batch 512, default {t.learning_rate}"
     )
     g.add_argument("--weight-decay", type=float, help=f"default {t.weight_decay}")
+    g.add_argument(
+        "--norm-bias-lr-scale",
+        type=float,
+        help="learning-rate multiplier for normalization biases (airbench: 64; "
+        f"default {t.norm_bias_lr_scale})",
+    )
     g.add_argument("--label-smoothing", type=float, help=f"default {t.label_smoothing}")
     g.add_argument("--warmup-fraction", type=float, help=f"default {t.warmup_fraction}")
     g.add_argument("--early-stopping-patience", type=int, help="epochs without improvement")
@@ -136,6 +142,12 @@ def register(subparsers: SubParsers) -> None:
     a.add_argument("--dropout", type=float, help=f"default {m.dropout}")
     a.add_argument("--norm", choices=["batch", "layer"], help=f"default {m.norm}")
     a.add_argument(
+        "--norm-scale",
+        action=argparse.BooleanOptionalAction,
+        help="--no-norm-scale: normalization layers learn only a bias, their scale fixed at 1 "
+        "(airbench's BatchNorm; default: a learned scale)",
+    )
+    a.add_argument(
         "--readout",
         choices=READOUTS,
         help=f"what the classifier reads from the TCN's output steps (default {m.readout})",
@@ -154,6 +166,7 @@ _TRAIN_FLAGS = (
     "batch_size",
     "learning_rate",
     "weight_decay",
+    "norm_bias_lr_scale",
     "label_smoothing",
     "warmup_fraction",
     "early_stopping_patience",
@@ -180,6 +193,7 @@ _MODEL_FLAGS = (
     "dilations",
     "dropout",
     "norm",
+    "norm_scale",
     "tcn",
     "readout",
 )
