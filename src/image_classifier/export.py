@@ -321,6 +321,9 @@ def float16_variables(model: keras.Model) -> dict[str, tf.Variable]:
     import numpy as np
     import tensorflow as tf
 
+    from image_classifier.tfnotices import float16_notice_said_quietly
+
+    float16_notice_said_quietly()  # often a process's first float16 op: TensorFlow's notice
     stored: dict[str, tf.Variable] = {}
     for variable in model.weights:
         if variable.path in stored:
