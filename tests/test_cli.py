@@ -287,6 +287,8 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
             "--no-norm-scale",
             "--norm-bias-lr-scale",
             "64",
+            "--momentum",
+            "0.85",
         ]
     )
     model_config, train_config = load_configs(
@@ -299,8 +301,11 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
     assert train_config.crop_padding == 2
     assert train_config.lookahead
     assert not model_config.norm_scale and train_config.norm_bias_lr_scale == 64
+    assert train_config.momentum == 0.85
     with pytest.raises(ConfigError, match="crop_padding"):
         load_configs(None, train_overrides={"crop_padding": -1})
+    with pytest.raises(ConfigError, match="momentum"):
+        load_configs(None, train_overrides={"momentum": 1.0})
 
 
 def test_tensorflow_notices_are_dropped_and_everything_else_passes(

@@ -118,6 +118,8 @@ class TrainConfig:
         self.jpeg_augment()  # validates the JPEG settings when the config is made
         if not self.norm_bias_lr_scale > 0:
             raise ConfigError(f"norm_bias_lr_scale must be positive, got {self.norm_bias_lr_scale}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.crop_padding < 32:
             raise ConfigError(f"crop_padding must be in [0, 32), got {self.crop_padding}")
 

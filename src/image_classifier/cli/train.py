@@ -58,6 +58,7 @@ def register(subparsers: SubParsers) -> None:
     g.add_argument(
         "--learning-rate", type=float, help=f"peak LR at batch 512, default {t.learning_rate}"
     )
+    g.add_argument("--momentum", type=float, help=f"SGD-Nesterov momentum, default {t.momentum}")
     g.add_argument("--weight-decay", type=float, help=f"default {t.weight_decay}")
     g.add_argument(
         "--norm-bias-lr-scale",
@@ -165,6 +166,7 @@ _TRAIN_FLAGS = (
     "epochs",
     "batch_size",
     "learning_rate",
+    "momentum",
     "weight_decay",
     "norm_bias_lr_scale",
     "label_smoothing",
