@@ -3,7 +3,7 @@
 ``image-classifier evaluate`` reports accuracy on validation images saved as JPEG by Pillow with
 its defaults (4:2:0 chroma). A JPEG changes a 32x32 picture in three ways, measured here one at
 a time through the export's ``serving_default`` and the gateway's own decoding
-(:func:`preprocess.preprocess_pixels`):
+(:func:`evaluate.jpeg_roundtrip`):
 
 - ``q100 4:4:4``: the codec's colour conversion and rounding alone (no subsampling, the finest
   quantization);
@@ -21,31 +21,19 @@ JPEG. Usage::
 from __future__ import annotations
 
 import argparse
-import io
 import json
-from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
 
 from image_classifier.constants import DEFAULT_MODEL_BASE_PATH
-from image_classifier.evaluate import predict_in_batches, validation_splits
-from image_classifier.preprocess import preprocess_pixels
+from image_classifier.evaluate import (
+    SUBSAMPLING_420,
+    SUBSAMPLING_444,
+    jpeg_roundtrip,
+    predict_in_batches,
+    validation_splits,
+)
 from image_classifier.servable import load_servable
-
-# Pillow's ``subsampling`` values: 0 keeps chroma at full resolution, 2 halves it both ways.
-SUBSAMPLING = {"4:4:4": 0, "4:2:0": 2}
-
-
-def pillow_jpeg(images: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
-    decoded = []
-    for pixels in images:
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(
-            buffer, "JPEG", quality=quality, subsampling=SUBSAMPLING[subsampling]
-        )
-        decoded.append(preprocess_pixels(buffer.getvalue()))
-    return np.stack(decoded)
 
 
 def tensorflow_jpeg(images: np.ndarray, quality: int) -> np.ndarray:
@@ -70,15 +58,14 @@ def main() -> None:
         return float(np.mean(predict_in_batches(servable.predict, pixels).argmax(1) == labels))
 
     quality = args.quality
-    variants: dict[str, Callable[[], np.ndarray]] = {
-        "lossless": lambda: images,
-        "q100 4:4:4": lambda: pillow_jpeg(images, 100, "4:4:4"),
-        "q100 4:2:0": lambda: pillow_jpeg(images, 100, "4:2:0"),
-        f"q{quality} 4:4:4": lambda: pillow_jpeg(images, quality, "4:4:4"),
-        f"q{quality} 4:2:0": lambda: pillow_jpeg(images, quality, "4:2:0"),
+    decoded = {
+        "lossless": images,
+        "q100 4:4:4": jpeg_roundtrip(images, 100, subsampling=SUBSAMPLING_444),
+        "q100 4:2:0": jpeg_roundtrip(images, 100, subsampling=SUBSAMPLING_420),
+        f"q{quality} 4:4:4": jpeg_roundtrip(images, quality, subsampling=SUBSAMPLING_444),
+        f"q{quality} 4:2:0": jpeg_roundtrip(images, quality, subsampling=SUBSAMPLING_420),
+        f"q{quality} training codec": tensorflow_jpeg(images, quality),
     }
-    decoded = {name: make() for name, make in variants.items()}
-    decoded[f"q{quality} training codec"] = tensorflow_jpeg(images, quality)
     results = {name: accuracy(pixels) for name, pixels in decoded.items()}
 
     lossless = results["lossless"]

@@ -32,7 +32,13 @@ from image_classifier.constants import (  # noqa: E402
 )
 from image_classifier.data import load_splits  # noqa: E402
 from image_classifier.errors import ExportError  # noqa: E402
-from image_classifier.evaluate import RELIABILITY_FILE, evaluate  # noqa: E402
+from image_classifier.evaluate import (  # noqa: E402
+    RELIABILITY_FILE,
+    SUBSAMPLING_420,
+    SUBSAMPLING_444,
+    evaluate,
+    jpeg_roundtrip,
+)
 from image_classifier.export import (  # noqa: E402
     TMP_PREFIX,
     calibrated_answers_check,
@@ -333,6 +339,22 @@ def test_evaluate_uses_the_serving_signature(
     assert set(written["jpeg_accuracy"]) == {"q90", "q50"}
     assert all(0.0 <= value <= 1.0 for value in written["jpeg_accuracy"].values())
     assert written["low_confidence"]["threshold"] == card["calibration"]["low_confidence_threshold"]
+
+
+def test_jpeg_roundtrip_defaults_to_half_resolution_chroma_as_uploads_have() -> None:
+    # Red and blue alternating every pixel: detail only full-resolution chroma can keep.
+    columns = np.arange(32) % 2 == 0
+    image = np.zeros((1, 32, 32, 3), np.uint8)
+    image[0, :, columns, 0] = 255
+    image[0, :, ~columns, 2] = 255
+    default = jpeg_roundtrip(image, 100)
+    np.testing.assert_array_equal(default, jpeg_roundtrip(image, 100, subsampling=SUBSAMPLING_420))
+    full = jpeg_roundtrip(image, 100, subsampling=SUBSAMPLING_444)
+    error = {
+        name: np.abs(out.astype(int) - image).mean()
+        for name, out in [("420", default), ("444", full)]
+    }
+    assert error["444"] < 5 < error["420"]
 
 
 def test_calibrating_reexport_of_an_uncalibrated_version(

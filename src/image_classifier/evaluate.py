@@ -121,13 +121,23 @@ def predict_dataset(
     return predict_in_batches(servable.predict, dataset.images, batch_size)
 
 
-def jpeg_roundtrip(images: np.ndarray, quality: int) -> np.ndarray:
-    """Each uint8 image saved as a JPEG by Pillow (its defaults otherwise, i.e. 4:2:0 chroma)
-    and read back by the gateway's preprocessing, exactly as an upload of that file would be."""
+# Pillow's JPEG ``subsampling`` values: its default (libjpeg's 4:2:0, as cameras and browsers
+# write), chroma at full resolution, chroma halved both ways.
+PILLOW_DEFAULT_SUBSAMPLING: Final = -1
+SUBSAMPLING_444: Final = 0
+SUBSAMPLING_420: Final = 2
+
+
+def jpeg_roundtrip(
+    images: np.ndarray, quality: int, *, subsampling: int = PILLOW_DEFAULT_SUBSAMPLING
+) -> np.ndarray:
+    """Each uint8 image saved as a JPEG by Pillow (its defaults unless ``subsampling`` says
+    otherwise) and read back by the gateway's preprocessing, exactly as an upload of that file
+    would be."""
     decoded = []
     for pixels in images:
         buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=quality, subsampling=subsampling)
         decoded.append(preprocess_pixels(buffer.getvalue()))
     return np.stack(decoded)
 
