@@ -304,9 +304,8 @@ def make_serving_module(
         images = tf.reshape(raw, [-1, IMAGE_SIZE, IMAGE_SIZE, CHANNELS])
         return {OUTPUT_KEY: probabilities(tf_normalize(images))}
 
-    module.serve_floats = serve_floats
-    module.serve_bytes = serve_bytes
-    module.serve_pixels = serve_pixels
+    # The functions are not attributes of the module: the signatures carry them, and
+    # tf.saved_model.save would trace every attached function (the whole model) once more.
     signatures = {
         SERVING_DEFAULT: serve_floats.get_concrete_function(),
         SERVING_BYTES: serve_bytes.get_concrete_function(),
