@@ -20,6 +20,7 @@ fi
 .venv/bin/mypy
 # Every test must run here: a skip (missing browser, TensorFlow, dataset) counts as a failure.
 # One pytest worker per core (pytest-xdist; PYTEST_XDIST_AUTO_NUM_WORKERS overrides the count),
-# tests handed out one at a time as workers free up. Every server a test starts takes a free
-# port, and every file it writes goes under its own tmp_path, so workers never collide.
+# tests handed out one at a time as workers free up. Servers in tests take free ports and tests
+# write under pytest's temporary directories (the browser tests' screenshots, a file per state,
+# aside), so workers do not collide.
 IMAGE_CLASSIFIER_STRICT_SKIPS=1 .venv/bin/python -m pytest -n auto --dist worksteal "$@"
