@@ -179,6 +179,33 @@ def test_jpeg_augmentation_re_encodes_in_the_parallel_pipeline() -> None:
     np.testing.assert_array_equal(_first_training_batch(data, JpegAugment(0.5, 50, 95)), sometimes)
 
 
+def test_jpeg_pairs_hold_each_crop_clean_then_as_jpeg() -> None:
+    tf = pytest.importorskip("tensorflow", reason="the input pipeline is TensorFlow")
+    from image_classifier.data import make_tf_dataset
+
+    data = _dataset((40, 40))
+    data.images[:] = synthetic_images(data.labels)
+    batches = make_tf_dataset(
+        data, batch_size=40, training=True, seed=5, jpeg=JpegAugment(0.1, 30, 30), jpeg_pairs=True
+    )
+    images, labels = next(iter(batches))
+    assert images.shape == (40, 32, 32, 3) and labels.shape == (40,)
+    pixels = np.round(images.numpy() * 255).astype(np.uint8)
+    clean, coded = pixels[:20], pixels[20:]
+    np.testing.assert_array_equal(labels.numpy()[:20], labels.numpy()[20:])
+    # Every second view is its first through the codec, whatever the probability says.
+    expected = np.stack([tf.image.adjust_jpeg_quality(image, 30).numpy() for image in clean])
+    np.testing.assert_array_equal(coded, expected)
+    assert not np.array_equal(coded, clean)
+    # The clean halves are augmented crops of the training images, as without pairs.
+    assert len({labels.numpy()[i] for i in range(20)}) > 1
+
+    with pytest.raises(ConfigError, match="even number"):
+        make_tf_dataset(data, batch_size=7, training=True, jpeg=JpegAugment(), jpeg_pairs=True)
+    with pytest.raises(ConfigError, match="JPEG settings"):
+        make_tf_dataset(data, batch_size=8, training=True, jpeg_pairs=True)
+
+
 @pytest.mark.parametrize("padding", [0, 2])
 def test_crop_padding_bounds_the_shift(padding: int) -> None:
     tf = pytest.importorskip("tensorflow", reason="the augmentation is TensorFlow")

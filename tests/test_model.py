@@ -418,3 +418,56 @@ def test_the_tcn_convolves_with_the_causal_layer() -> None:
     op_types = {op.type for op in graph.get_operations()}
     assert "MatMul" in op_types or "BatchMatMulV2" in op_types
     assert not op_types & {"SpaceToBatchND", "BatchToSpaceND"}
+
+
+def _pillow_jpeg_420(images: np.ndarray, quality: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    decoded = []
+    for pixels in images:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=quality, subsampling=2)
+        decoded.append(np.asarray(Image.open(buffer).convert("RGB")))
+    return np.stack(decoded)
+
+
+def test_chroma_subsampling_keeps_luma_and_gives_a_picture_its_jpegs_colour() -> None:
+    from image_classifier.layers import ChromaSubsample
+
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    images[8:] = np.repeat(np.repeat(images[8:, ::4, ::4], 4, axis=1), 4, axis=2)  # smoother
+    pixels = images / np.float32(255)
+    out = np.asarray(ChromaSubsample()(pixels))
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(out @ luma, pixels @ luma, atol=1e-5)  # Y untouched
+    flat = np.full((1, 32, 32, 3), (0.9, 0.2, 0.4), np.float32)
+    np.testing.assert_allclose(np.asarray(ChromaSubsample()(flat)), flat, atol=1e-5)
+
+    # What a lossless JPEG with 4:2:0 chroma (Pillow's default) decodes to: the layer's output
+    # is within rounding of it, and far closer than the untouched picture.
+    jpeg = _pillow_jpeg_420(images, 100) / 255.0
+    layer_error = np.sqrt(np.mean((out - jpeg) ** 2))
+    picture_error = np.sqrt(np.mean((pixels - jpeg) ** 2))
+    assert layer_error < 0.5 * picture_error, (layer_error, picture_error)
+    assert layer_error < 2 / 255
+
+
+def test_a_chroma_subsampling_model_whitens_what_that_layer_passes_on() -> None:
+    from image_classifier.layers import ChromaSubsample
+
+    config = dataclasses.replace(WHITENED, chroma_subsample=True)
+    model = build_model(config)
+    assert model.layers[1].name == "chroma_subsample"  # first, before the standardization
+    images = np.random.default_rng(2).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    init_whitening(model, images, config)
+    filtered = np.asarray(ChromaSubsample()(images / np.float32(255)))
+    standardized = (filtered - np.asarray(config.mean)) / np.asarray(config.std)
+    np.testing.assert_allclose(
+        model.get_layer("stem_whiten").get_weights()[0],
+        whitening_kernel(standardized, 2),
+        rtol=1e-3,
+        atol=1e-3,
+    )

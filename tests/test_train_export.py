@@ -674,3 +674,65 @@ def test_norm_bias_lr_scale_must_be_positive() -> None:
 
     with pytest.raises(ConfigError, match="norm_bias_lr_scale"):
         dataclasses.replace(TINY_TRAIN, norm_bias_lr_scale=0.0)
+
+
+def test_jpeg_consistency_loss_is_cross_entropy_plus_weighted_divergence_from_clean() -> None:
+    from image_classifier.train import training_loss
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(8, 10)).astype(np.float32)  # 4 clean views, then their JPEGs
+    labels = np.eye(10, dtype=np.float32)[np.tile(rng.integers(0, 10, 4), 2)]
+    config = dataclasses.replace(TINY_TRAIN, jpeg_consistency=3.0, label_smoothing=0.1)
+    loss = training_loss(config)
+
+    smoothed = labels * 0.9 + 0.1 / 10
+    log_p = np.log(softmax(logits))
+    cross_entropy = -np.sum(smoothed * log_p, axis=1).mean()
+    clean, coded = log_p[:4], log_p[4:]
+    divergence = np.sum(np.exp(clean) * (clean - coded), axis=1).mean()
+    assert divergence > 0.1
+    assert float(loss(labels, logits)) == pytest.approx(cross_entropy + 3.0 * divergence, rel=1e-5)
+
+    # The clean view is the target: the divergence sends gradient into the JPEG views only.
+    def gradient(weight: float) -> np.ndarray:
+        variable = tf.Variable(logits)
+        with tf.GradientTape() as tape:
+            value = training_loss(dataclasses.replace(config, jpeg_consistency=weight))(
+                labels, variable
+            )
+        return tape.gradient(value, variable).numpy()
+
+    with_term, without = gradient(3.0), gradient(0.0)
+    np.testing.assert_allclose(with_term[:4], without[:4], atol=1e-7)
+    assert np.abs(with_term[4:] - without[4:]).max() > 1e-3
+
+
+def test_jpeg_consistency_trains_on_pairs_and_records_the_weight(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    from image_classifier.errors import ConfigError
+
+    splits = load_splits(cifar_dir, validation_size=TINY_TRAIN.validation_size)
+    config = dataclasses.replace(TINY_TRAIN, epochs=2, jpeg_consistency=2.0)
+    result = train(
+        splits,
+        model_config=TINY_MODEL,
+        train_config=config,
+        model_base_path=tmp_path / "models",
+        run_dir=tmp_path / "run",
+    )
+    card = json.loads((result.export_dir / METADATA_FILE).read_text())
+    assert card["training"]["jpeg_consistency"] == 2.0
+    assert np.isfinite(result.history["loss"]).all()
+
+    with pytest.raises(ConfigError, match="jpeg_consistency"):
+        train(
+            splits,
+            model_config=TINY_MODEL,
+            train_config=config,
+            model_base_path=tmp_path / "elsewhere",
+            distribute="mirrored",
+        )
+    assert not (tmp_path / "elsewhere").exists()
+    with pytest.raises(ConfigError, match="even"):
+        dataclasses.replace(config, batch_size=31)

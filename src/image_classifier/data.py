@@ -273,16 +273,42 @@ def augment(
     flipped = tf.image.stateless_random_flip_left_right(cropped, seed=flip_seed)
     if jpeg is None or jpeg.probability == 0.0:
         return flipped
-    # Seeds of their own, folded from the image's seed, so crops and flips stay what they were
-    # without JPEG augmentation (the same run is reproducible with probability 0).
+    apply_seed, quality_seed = _jpeg_seeds(seed)
+    apply = tf.random.stateless_uniform([], seed=apply_seed) < jpeg.probability
+    # Encoded and decoded only when applied: the other images skip the codec's cost.
+    return tf.cond(apply, lambda: _reencode(flipped, quality_seed, jpeg), lambda: flipped)
+
+
+def augment_pair(
+    image: tf.Tensor, seed: tf.Tensor, jpeg: JpegAugment, padding: int = AUGMENT_PADDING
+) -> tf.Tensor:
+    """(2, H, W, C): one random crop and flip of ``image`` (as :func:`augment`), then the same
+    pixels re-encoded as JPEG at a random quality (``jpeg.probability`` does not apply)."""
+    import tensorflow as tf
+
+    clean = augment(image, seed, None, padding)
+    _, quality_seed = _jpeg_seeds(seed)
+    return tf.stack([clean, _reencode(clean, quality_seed, jpeg)])
+
+
+def _jpeg_seeds(seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Seeds for whether and at which quality an image is re-encoded: seeds of their own,
+    folded from the image's seed, so crops and flips stay what they are without JPEG
+    augmentation (the same run is reproducible with probability 0)."""
+    import tensorflow as tf
+
     jpeg_seed = tf.random.experimental.stateless_fold_in(seed, 1)
     apply_seed, quality_seed = tf.unstack(tf.random.experimental.stateless_split(jpeg_seed, 2))
-    apply = tf.random.stateless_uniform([], seed=apply_seed) < jpeg.probability
+    return apply_seed, quality_seed
+
+
+def _reencode(image: tf.Tensor, quality_seed: tf.Tensor, jpeg: JpegAugment) -> tf.Tensor:
+    import tensorflow as tf
+
     quality = tf.random.stateless_uniform(
         [], seed=quality_seed, minval=jpeg.min_quality, maxval=jpeg.max_quality + 1, dtype=tf.int32
     )
-    # Encoded and decoded only when applied: the other images skip the codec's cost.
-    coded = tf.cond(apply, lambda: tf.image.adjust_jpeg_quality(flipped, quality), lambda: flipped)
+    coded = tf.image.adjust_jpeg_quality(image, quality)
     return tf.ensure_shape(coded, image.shape)  # the decoder's output shape is not static
 
 
@@ -343,6 +369,7 @@ def make_tf_dataset(
     shard: Shard | None = None,
     jpeg: JpegAugment | None = None,
     crop_padding: int = AUGMENT_PADDING,
+    jpeg_pairs: bool = False,
     repeat: bool = False,
 ) -> tf.data.Dataset:
     """Batched (float32 [0, 1] images, int labels); shuffled and augmented only when training.
@@ -359,6 +386,11 @@ def make_tf_dataset(
 
     ``jpeg`` adds random JPEG re-encoding to the training augmentation (:class:`JpegAugment`);
     ``crop_padding`` is how far its random crops shift the image.
+
+    ``jpeg_pairs`` (training only) makes every batch ``batch_size / 2`` images twice: its first
+    half the augmented crops, its second half the same crops re-encoded as JPEG, in the same
+    order (:func:`augment_pair`), for a loss that compares an image's two predictions
+    (:func:`train.jpeg_consistency_loss`).
 
     ``repeat`` makes the pipeline endless: epoch after epoch, each reshuffled and with the same
     batches an epoch would have had (the partial last batch included), for one iterator that
@@ -380,12 +412,24 @@ def make_tf_dataset(
         if shard is not None:
             whole = sharded_steps_per_epoch(len(dataset), batch_size) * batch_size
             ds = ds.take(whole).shard(shard.count, shard.index)
-        ds = ds.map(
-            lambda pair, s: (augment(pair[0], s, jpeg, crop_padding), pair[1]),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        ds = ds.batch(per_replica, drop_remainder=shard is not None)
+        if jpeg_pairs and (jpeg is None or per_replica % 2):
+            raise ConfigError(
+                "JPEG pairs need JPEG settings and an even number of images per replica, "
+                f"got {jpeg} and {per_replica}"
+            )
+
+        def views(pair: tuple[tf.Tensor, tf.Tensor], s: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            image, label = pair
+            if jpeg_pairs:
+                assert jpeg is not None  # checked above
+                return augment_pair(image, s, jpeg, crop_padding), label
+            return augment(image, s, jpeg, crop_padding), label
+
+        ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        images_per_batch = per_replica // 2 if jpeg_pairs else per_replica
+        ds = ds.batch(images_per_batch, drop_remainder=shard is not None)
+        if jpeg_pairs:
+            ds = ds.map(_pairs_to_halves, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         if shard is not None:
             ds = ds.shard(shard.count, shard.index)
@@ -395,3 +439,11 @@ def make_tf_dataset(
         ds = ds.repeat()
     ds = ds.map(lambda x, y: (tf_normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _pairs_to_halves(pairs: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(B, 2, H, W, C) pairs -> (2B, H, W, C): all first members, then all second members."""
+    import tensorflow as tf
+
+    images = tf.reshape(tf.transpose(pairs, [1, 0, 2, 3, 4]), [-1, *pairs.shape[2:]])
+    return images, tf.concat([labels, labels], 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -113,3 +114,41 @@ class CausalConv1D(keras.layers.Conv1D):  # type: ignore[misc]
         if self.activation is not None:
             return self.activation(outputs)
         return outputs
+
+
+# JPEG's (JFIF's) RGB -> YCbCr matrix: rows give Y, Cb and Cr (offsets left out: every step
+# between the two conversions is an average, so they cancel). Constants of the graph, the
+# inverse included, so serving computes no matrix inverse.
+_RGB_TO_YCBCR = np.array(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
+)
+_YCBCR_TO_RGB = np.linalg.inv(_RGB_TO_YCBCR)
+
+
+@keras.saving.register_keras_serializable(package="image_classifier")
+class ChromaSubsample(keras.layers.Layer):  # type: ignore[misc]
+    """RGB images with their colour (chroma) brought to the resolution a default JPEG keeps.
+
+    A JPEG with 4:2:0 chroma (Pillow's, browsers' and phones' default) stores Cb and Cr at
+    half resolution: libjpeg averages each 2x2 block and its decoder upsamples with a triangle
+    filter, which is bilinear interpolation between the block centres. This layer does both to
+    every image and leaves luma (Y) alone, so a picture and its JPEG reach the rest of the model
+    with the same chroma detail, and the model learns nothing from detail uploads lose. No
+    weights; float32 whatever the mixed-precision policy, as it rounds nothing.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+
+    def call(self, inputs: Any) -> Any:
+        ycbcr = tf.einsum("bhwc,dc->bhwd", inputs, tf.constant(_RGB_TO_YCBCR, tf.float32))
+        luma, chroma = ycbcr[..., :1], ycbcr[..., 1:]
+        height, width = inputs.shape[1], inputs.shape[2]
+        blocks = tf.nn.avg_pool2d(chroma, 2, 2, "VALID")
+        chroma = tf.image.resize(blocks, (height, width), method="bilinear")
+        return tf.einsum(
+            "bhwc,dc->bhwd",
+            tf.concat([luma, chroma], axis=-1),
+            tf.constant(_YCBCR_TO_RGB, tf.float32),
+        )

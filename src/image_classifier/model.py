@@ -66,6 +66,9 @@ class ModelConfig:
     # patches (fine chroma detail) are the ones JPEG compression rewrites; damping them did
     # not narrow the JPEG gap in the recipe search (README, Model), so airbench's value stays.
     whiten_epsilon: float = 5e-4
+    # True: the first layer brings every image's chroma to a default JPEG's half resolution
+    # (layers.ChromaSubsample), so lossless pictures and JPEG uploads differ less to the model.
+    chroma_subsample: bool = False
     # Max-pool the stem's last grid by this factor before reading it as tokens (1: none).
     token_pool: int = 1
     layout: Literal["raster", "rows"] = "raster"
@@ -177,7 +180,12 @@ def build_model(config: ModelConfig | None = None) -> keras.Model:
     inputs = keras.Input(shape=INPUT_SHAPE, name="images", dtype="float32")
     mean = [float(m) for m in config.mean]
     variance = [float(s) ** 2 for s in config.std]
-    x = layers.Normalization(mean=mean, variance=variance, name="standardize")(inputs)
+    x = inputs
+    if config.chroma_subsample:
+        from image_classifier.layers import ChromaSubsample
+
+        x = ChromaSubsample(name="chroma_subsample")(x)
+    x = layers.Normalization(mean=mean, variance=variance, name="standardize")(x)
 
     if config.stem_filters:
         x = _stem(x, config)
@@ -310,6 +318,11 @@ def init_whitening(model: keras.Model, images: np.ndarray, config: ModelConfig) 
         return
     step = max(1, len(images) // WHITENING_SAMPLE)
     sample = normalize(images[::step][:WHITENING_SAMPLE])
+    if config.chroma_subsample:
+        # The whitening layer sees what the chroma layer before it passes on.
+        from image_classifier.layers import ChromaSubsample
+
+        sample = np.asarray(ChromaSubsample()(sample))
     # What the "standardize" layer (built from the same config statistics) passes on, computed
     # in float32 here: under mixed precision that layer would round it to bfloat16.
     standardized = (sample - np.asarray(config.mean, np.float32)) / np.asarray(

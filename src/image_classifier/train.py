@@ -104,6 +104,11 @@ class TrainConfig:
     jpeg_augment_probability: float = 0.5
     jpeg_quality_min: int = 50
     jpeg_quality_max: int = 95
+    # > 0: every batch holds batch_size / 2 images twice, as augmented and re-encoded as JPEG
+    # (jpeg_augment_probability then does not apply), and the loss adds this weight times how
+    # far the JPEG's predicted distribution is from the clean one's (JpegConsistencyLoss):
+    # a model taught to answer a JPEG as it answers the picture, not only to label it.
+    jpeg_consistency: float = 0.0
     # Random crops of the reflect-padded image shift it by up to this many pixels. Short runs
     # fit better with less (airbench uses 2).
     crop_padding: int = AUGMENT_PADDING
@@ -122,8 +127,18 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.crop_padding < 32:
             raise ConfigError(f"crop_padding must be in [0, 32), got {self.crop_padding}")
+        if not self.jpeg_consistency >= 0:
+            raise ConfigError(f"jpeg_consistency must be >= 0, got {self.jpeg_consistency}")
+        if self.jpeg_consistency and self.batch_size % 2:
+            raise ConfigError(
+                f"jpeg_consistency pairs every image in its batch: batch_size {self.batch_size} "
+                "must be even"
+            )
 
     def jpeg_augment(self) -> JpegAugment | None:
+        if self.jpeg_consistency:
+            # Pairs re-encode every second view; the quality range still applies.
+            return JpegAugment(1.0, self.jpeg_quality_min, self.jpeg_quality_max)
         if self.jpeg_augment_probability == 0:
             return None
         return JpegAugment(
@@ -390,12 +405,50 @@ def lookahead_callback(total_steps: int) -> keras.callbacks.Callback:
 
 
 def training_loss(config: TrainConfig, *, reduction: str = "sum_over_batch_size") -> Any:
-    """The loss both training engines minimise: cross-entropy on logits, label smoothing."""
+    """The loss both training engines minimise: cross-entropy on logits, label smoothing
+    (with ``jpeg_consistency``, :func:`jpeg_consistency_loss`'s)."""
     import keras
 
+    if config.jpeg_consistency:
+        return jpeg_consistency_loss(config, reduction=reduction)
     return keras.losses.CategoricalCrossentropy(
         from_logits=True, label_smoothing=config.label_smoothing, reduction=reduction
     )
+
+
+def jpeg_consistency_loss(config: TrainConfig, *, reduction: str = "sum_over_batch_size") -> Any:
+    """Cross-entropy on every view plus ``config.jpeg_consistency`` x KL(clean || JPEG).
+
+    The batch is ``training_batches``' pairs: the first half clean crops, the second half the
+    same crops as JPEGs. The clean prediction is the target (no gradient flows into it), so
+    the term moves how the model answers a JPEG towards how it answers the picture and leaves
+    what it learns from clean pixels to the cross-entropy: a JPEG should be read, not merely
+    labelled, as its source is. Each view's loss carries its pair's divergence, so the mean
+    over the batch is mean cross-entropy + weight x mean divergence.
+    """
+    import keras
+    from keras import ops
+
+    weight, smoothing = config.jpeg_consistency, config.label_smoothing
+
+    class JpegConsistencyLoss(keras.losses.Loss):  # type: ignore[misc]
+        def call(self, y_true: Any, y_pred: Any) -> Any:
+            cross_entropy = keras.losses.categorical_crossentropy(
+                y_true, y_pred, from_logits=True, label_smoothing=smoothing
+            )
+            clean, coded = ops.split(y_pred, 2, axis=0)
+            target = ops.softmax(ops.stop_gradient(clean), axis=-1)
+            divergence = ops.sum(
+                target
+                * (
+                    ops.log_softmax(ops.stop_gradient(clean), axis=-1)
+                    - ops.log_softmax(coded, axis=-1)
+                ),
+                axis=-1,
+            )
+            return cross_entropy + weight * ops.concatenate([divergence, divergence], axis=0)
+
+    return JpegConsistencyLoss(name="jpeg_consistency_loss", reduction=reduction)
 
 
 def norm_bias_paths(model: keras.Model) -> frozenset[str]:
@@ -517,6 +570,9 @@ def train(
     if train_config.lookahead and distribute != "none":
         # Its callback assigns the model's variables between steps, outside the replicas.
         raise ConfigError("lookahead trains in one process only (distribute 'none')")
+    if train_config.jpeg_consistency and distribute != "none":
+        # Its loss pairs the two halves of a batch; replicas would each hold a slice of one.
+        raise ConfigError("jpeg_consistency trains in one process only (distribute 'none')")
     class_names = data.train.class_names
     mean, std = channel_stats(data.train.images)  # three channels each
     model_config = dataclasses.replace(
@@ -743,6 +799,7 @@ def training_batches(
         shard=shard,
         jpeg=config.jpeg_augment(),
         crop_padding=config.crop_padding,
+        jpeg_pairs=config.jpeg_consistency > 0,
         repeat=repeat,
     ).map(lambda x, y: (x, _one_hot(y, num_classes)))
 

@@ -92,6 +92,13 @@ def register(subparsers: SubParsers) -> None:
         "--jpeg-quality-max", type=int, help=f"highest JPEG quality, default {t.jpeg_quality_max}"
     )
     g.add_argument(
+        "--jpeg-consistency",
+        type=float,
+        help="weight of a loss pulling each image's JPEG prediction towards its clean one; "
+        "> 0 trains on clean/JPEG pairs of batch-size/2 images "
+        f"(default {t.jpeg_consistency}; 0: off)",
+    )
+    g.add_argument(
         "--crop-padding",
         type=int,
         help=f"random crops shift images by up to this many pixels, default {t.crop_padding}",
@@ -119,6 +126,12 @@ def register(subparsers: SubParsers) -> None:
         type=int,
         help="open the stem with a frozen PxP patch-whitening convolution set from the data "
         f"(default {m.whiten_patch}: a trained 3x3 convolution)",
+    )
+    a.add_argument(
+        "--chroma-subsample",
+        action=argparse.BooleanOptionalAction,
+        help="first layer: chroma at a default JPEG's half resolution, luma untouched "
+        f"(default {'on' if m.chroma_subsample else 'off'})",
     )
     a.add_argument(
         "--whiten-epsilon",
@@ -179,6 +192,7 @@ _TRAIN_FLAGS = (
     "jpeg_augment_probability",
     "jpeg_quality_min",
     "jpeg_quality_max",
+    "jpeg_consistency",
     "crop_padding",
     "calibrate",
     "lookahead",
@@ -187,6 +201,7 @@ _MODEL_FLAGS = (
     "stem_filters",
     "whiten_patch",
     "whiten_epsilon",
+    "chroma_subsample",
     "token_pool",
     "layout",
     "tcn_filters",
