@@ -412,23 +412,26 @@ def make_tf_dataset(
         if shard is not None:
             whole = sharded_steps_per_epoch(len(dataset), batch_size) * batch_size
             ds = ds.take(whole).shard(shard.count, shard.index)
-        if jpeg_pairs and (jpeg is None or per_replica % 2):
+        if not jpeg_pairs:
+            ds = ds.map(
+                lambda pair, s: (augment(pair[0], s, jpeg, crop_padding), pair[1]),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+            ds = ds.batch(per_replica, drop_remainder=shard is not None)
+        elif jpeg is None or per_replica % 2:
             raise ConfigError(
                 "JPEG pairs need JPEG settings and an even number of images per replica, "
                 f"got {jpeg} and {per_replica}"
             )
-
-        def views(pair: tuple[tf.Tensor, tf.Tensor], s: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            image, label = pair
-            if jpeg_pairs:
-                assert jpeg is not None  # checked above
-                return augment_pair(image, s, jpeg, crop_padding), label
-            return augment(image, s, jpeg, crop_padding), label
-
-        ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        images_per_batch = per_replica // 2 if jpeg_pairs else per_replica
-        ds = ds.batch(images_per_batch, drop_remainder=shard is not None)
-        if jpeg_pairs:
+        else:
+            codec = jpeg
+            ds = ds.map(
+                lambda pair, s: (augment_pair(pair[0], s, codec, crop_padding), pair[1]),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+            ds = ds.batch(per_replica // 2, drop_remainder=shard is not None)
             ds = ds.map(_pairs_to_halves, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         if shard is not None:

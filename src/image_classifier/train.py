@@ -106,7 +106,7 @@ class TrainConfig:
     jpeg_quality_max: int = 95
     # > 0: every batch holds batch_size / 2 images twice, as augmented and re-encoded as JPEG
     # (jpeg_augment_probability then does not apply), and the loss adds this weight times how
-    # far the JPEG's predicted distribution is from the clean one's (JpegConsistencyLoss):
+    # far the JPEG's predicted distribution is from the clean one's (jpeg_consistency_loss):
     # a model taught to answer a JPEG as it answers the picture, not only to label it.
     jpeg_consistency: float = 0.0
     # Random crops of the reflect-padded image shift it by up to this many pixels. Short runs
@@ -437,14 +437,9 @@ def jpeg_consistency_loss(config: TrainConfig, *, reduction: str = "sum_over_bat
                 y_true, y_pred, from_logits=True, label_smoothing=smoothing
             )
             clean, coded = ops.split(y_pred, 2, axis=0)
-            target = ops.softmax(ops.stop_gradient(clean), axis=-1)
+            log_target = ops.log_softmax(ops.stop_gradient(clean), axis=-1)
             divergence = ops.sum(
-                target
-                * (
-                    ops.log_softmax(ops.stop_gradient(clean), axis=-1)
-                    - ops.log_softmax(coded, axis=-1)
-                ),
-                axis=-1,
+                ops.exp(log_target) * (log_target - ops.log_softmax(coded, axis=-1)), axis=-1
             )
             return cross_entropy + weight * ops.concatenate([divergence, divergence], axis=0)
 
