@@ -10,7 +10,9 @@ median of each arm:
 - ``v5-architecture``: version 5's architecture (``ModelConfig``'s defaults) under the same
   recipe, the model the whitened stem and nine-token TCN replaced;
 - ``keras-conv1d``: the TCN with Keras' own ``Conv1D``, the layer ``layers.CausalConv1D``
-  replaced (same arithmetic and variables).
+  replaced (same arithmetic and variables);
+- ``blur-pool``: the recipe with ``"pooling": "blur"`` (``layers.BlurPool2D``, anti-aliased
+  max-pooling) in place of 2x2 max-pooling.
 
 Usage::
 
@@ -23,6 +25,7 @@ Run it with nothing else using the cores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -37,7 +40,7 @@ from image_classifier.model import ModelConfig
 from image_classifier.train import compile_model, configure_threads, load_configs
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_tcn.json"
-ARMS = ("fused", "keras", "v5-architecture", "keras-conv1d")
+ARMS = ("fused", "keras", "v5-architecture", "keras-conv1d", "blur-pool")
 
 
 def keras_batch_norm(config: ModelConfig, name: str) -> Any:
@@ -54,6 +57,8 @@ def build(arm: str, batch_size: int) -> Any:
     model_config, train_config = load_configs(RECIPE, train_overrides={"batch_size": batch_size})
     if arm == "v5-architecture":
         model_config = ModelConfig()
+    if arm == "blur-pool":
+        model_config = dataclasses.replace(model_config, pooling="blur")
     keras.mixed_precision.set_global_policy(train_config.precision)
     fused = model_module._batch_norm
     causal = layers_module.CausalConv1D

@@ -277,6 +277,8 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
             "2",
             "--token-pool",
             "2",
+            "--pooling",
+            "blur",
             "--crop-padding",
             "2",
             "--readout",
@@ -297,6 +299,7 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
         train_overrides=_given(args, _TRAIN_FLAGS),
     )
     assert (model_config.whiten_patch, model_config.token_pool) == (2, 2)
+    assert model_config.pooling == "blur"
     assert (model_config.readout, model_config.convs_per_block) == ("max", 1)
     assert train_config.crop_padding == 2
     assert train_config.lookahead

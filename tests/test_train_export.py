@@ -160,10 +160,12 @@ def test_signatures_have_the_serving_contract(trained: TrainResult) -> None:
     assert byte_inputs["image_bytes"].dtype == tf.string
 
 
-def test_reloaded_export_matches_in_memory_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pooling", ["max", "blur"])
+def test_reloaded_export_matches_in_memory_model(tmp_path: Path, pooling: str) -> None:
     """serving_default from disk == the Keras model's softmax (with and without flip TTA)."""
     keras.utils.set_random_seed(7)
-    model = build_model(TINY_MODEL)
+    config = dataclasses.replace(TINY_MODEL, pooling=pooling)
+    model = build_model(config)
     images = np.random.default_rng(0).random((16, 32, 32, 3), dtype=np.float32)
     logits = model(images, training=False)
     mirrored = model(images[:, :, ::-1], training=False)
@@ -172,7 +174,7 @@ def test_reloaded_export_matches_in_memory_model(tmp_path: Path) -> None:
     for version, tta, expected in ((1, False, plain), (2, True, averaged)):
         export_model(
             model,
-            TINY_MODEL,
+            config,
             tmp_path,
             class_names=CIFAR10_CLASSES,
             metadata={},

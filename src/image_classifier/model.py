@@ -1,11 +1,12 @@
 """The classifier: a convolutional stem that turns the image into a token sequence, then a TCN.
 
 How the image becomes a sequence
-    The stem is stages of 3x3 convolutions, each halving the grid with 2x2 max-pooling. It opens
-    either with a trained 3x3 convolution (32x32 -> 16x16 -> 8x8 with two stages) or, with
-    ``whiten_patch=2``, with a frozen 2x2 patch-whitening convolution computed from the training
-    images (airbench's first layer; no padding, so 31x31 -> 15x15 -> 7x7). ``token_pool``
-    max-pools the last grid once more (7x7 -> 3x3). The grid is read in raster order (row by
+    The stem is stages of 3x3 convolutions, each halving the grid with 2x2 max-pooling (or,
+    with ``pooling="blur"``, its anti-aliased form). It opens either with a trained 3x3
+    convolution (32x32 -> 16x16 -> 8x8 with two stages) or, with ``whiten_patch=2``, with a
+    frozen 2x2 patch-whitening convolution computed from the training images (airbench's first
+    layer; no padding, so 31x31 -> 15x15 -> 7x7). ``token_pool`` pools the last grid once more
+    (7x7 -> 3x3). The grid is read in raster order (row by
     row, left to right) as a sequence of tokens of ``stem_filters[-1]`` channels. With no stem
     (``stem_filters=()``) the sequence is the image itself: ``layout="rows"`` gives 32 steps of
     96 values (one pixel row per step), ``layout="raster"`` 1024 steps of 3 values (sequential
@@ -71,6 +72,10 @@ class ModelConfig:
     chroma_subsample: bool = False
     # Max-pool the stem's last grid by this factor before reading it as tokens (1: none).
     token_pool: int = 1
+    # How the stem halves its grids (and pools tokens by 2): "max" is 2x2 max-pooling, "blur"
+    # the anti-aliased max of layers.BlurPool2D (a max at stride 1, then a binomial blur at
+    # stride 2), so detail finer than the new grid, such as a JPEG's blocking, is not folded in.
+    pooling: Literal["max", "blur"] = "max"
     layout: Literal["raster", "rows"] = "raster"
     tcn_filters: int = 128
     kernel_size: int = 3
@@ -149,6 +154,8 @@ def validate_config(config: ModelConfig) -> None:
         raise ConfigError("whiten_patch and token_pool shape the stem; they need stem_filters")
     if config.stem_filters and token_grid_side(config) < 1:
         raise ConfigError("too many stem stages (or too much token pooling) for a 32x32 image")
+    if config.pooling not in ("max", "blur"):
+        raise ConfigError(f"pooling must be 'max' or 'blur', not {config.pooling!r}")
     if config.readout not in READOUTS:
         raise ConfigError(f"readout must be one of {READOUTS}, not {config.readout!r}")
     if config.kernel_size < 2 or config.convs_per_block < 1:
@@ -190,7 +197,7 @@ def build_model(config: ModelConfig | None = None) -> keras.Model:
     if config.stem_filters:
         x = _stem(x, config)
         if config.token_pool > 1:
-            x = layers.MaxPooling2D(config.token_pool, name="stem_token_pool")(x)
+            x = _pool(config, config.token_pool, "stem_token_pool")(x)
         side = token_grid_side(config)
         x = layers.Reshape((side * side, config.stem_filters[-1]), name="to_sequence")(x)
     elif config.layout == "rows":
@@ -237,6 +244,16 @@ def _batch_norm(config: ModelConfig, name: str) -> keras.layers.Layer:
     return FusedBatchNormalization(momentum=0.9, epsilon=1e-5, scale=config.norm_scale, name=name)
 
 
+def _pool(config: ModelConfig, size: int, name: str) -> keras.layers.Layer:
+    from keras import layers
+
+    if config.pooling == "blur" and size == 2:
+        from image_classifier.layers import BlurPool2D
+
+        return BlurPool2D(name=name)
+    return layers.MaxPooling2D(size, name=name)
+
+
 def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
     from keras import layers
 
@@ -275,7 +292,7 @@ def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
             )(x)
             if conv == 0:
                 # Pool right after the first conv: the rest of the stage runs at 1/4 the cost.
-                x = layers.MaxPooling2D(2, name=f"{prefix}_pool")(x)
+                x = _pool(config, 2, f"{prefix}_pool")(x)
             x = _batch_norm(config, f"{prefix}_bn")(x)
             x = layers.ReLU(name=f"{prefix}_relu")(x)
     return x
@@ -389,6 +406,8 @@ def flops_by_part(model: keras.Model) -> dict[str, int]:
     """:func:`count_flops` split into the stem, the TCN and the classifier."""
     from keras import layers
 
+    from image_classifier.layers import BlurPool2D
+
     parts = dict.fromkeys(MODEL_PARTS, 0)
     for layer in model.layers:
         flops = 0
@@ -403,6 +422,10 @@ def flops_by_part(model: keras.Model) -> dict[str, int]:
             flops = 2 * positions * macs_per_position
         elif isinstance(layer, layers.Dense):
             flops = 2 * int(layer.kernel.shape[0]) * int(layer.kernel.shape[1])
+        elif isinstance(layer, BlurPool2D):
+            # One 3x3 depthwise filter per channel at every output position.
+            _, height, width, channels = layer.output.shape
+            flops = 2 * 9 * int(height) * int(width) * int(channels)
         parts[model_part(layer.name)] += flops
     return parts
 

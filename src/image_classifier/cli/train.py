@@ -144,6 +144,12 @@ def register(subparsers: SubParsers) -> None:
         type=int,
         help=f"max-pool the stem's grid by this before the TCN, default {m.token_pool}",
     )
+    a.add_argument(
+        "--pooling",
+        choices=["max", "blur"],
+        help="how the stem halves its grids: 2x2 max-pooling, or blur, the max made "
+        f"anti-aliased (a max at stride 1, then a binomial blur at stride 2; default {m.pooling})",
+    )
     a.add_argument("--layout", choices=["raster", "rows"], help=f"default {m.layout}")
     a.add_argument("--tcn-filters", type=int, help=f"default {m.tcn_filters}")
     a.add_argument("--kernel-size", type=int, help=f"default {m.kernel_size}")
@@ -203,6 +209,7 @@ _MODEL_FLAGS = (
     "whiten_epsilon",
     "chroma_subsample",
     "token_pool",
+    "pooling",
     "layout",
     "tcn_filters",
     "kernel_size",
