@@ -36,9 +36,9 @@ def test_shipped_version_is_complete_and_small() -> None:
     for name in (METADATA_FILE, HISTORY_FILE, CURVES_FILE, CONFUSION_FILE, RELIABILITY_FILE):
         assert (SHIPPED / name).is_file(), name
     total = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
-    # Version 8 is 5.1 MB: 2.0M parameters stored as float16 (4.0 MB), most of them in the TCN,
+    # Version 9 is 4.6 MB: 2.0M parameters stored as float16 (4.0 MB), most of them in the TCN,
     # which the architecture keeps at over half the model; the graph and plots are the rest.
-    # (Version 6, the same architecture as float32, is 9.4 MB.)
+    # (Version 6, the same parameters as float32, is 9.4 MB.)
     card = json.loads((SHIPPED / METADATA_FILE).read_text())
     assert card["weight_storage"] == "float16"
     assert total < 6 * 1024 * 1024, f"shipped model is {total / 1e6:.1f} MB"
@@ -74,11 +74,11 @@ def test_the_shipped_version_is_calibrated_and_says_how() -> None:
     jpeg = evaluation["jpeg_accuracy"]
     assert evaluation["accuracy"] >= jpeg["q90"] >= jpeg["q75"] >= jpeg["q50"] > 0.5
     # The issue asks for a JPEG-q75 gap of at most 1.5 points, which no version reaches yet.
-    # Version 8 answers q75 JPEGs as well as version 7 (90.08% against 90.24%) and the other
-    # qualities better; its gap is 2.44 points because clean pixels gained (README, Model:
-    # JPEG). These guard JPEG uploads against getting worse while the target stays open.
-    assert jpeg["q75"] >= 0.90
-    assert evaluation["accuracy"] - jpeg["q75"] <= 0.025
+    # Version 9's anti-aliased pooling narrowed version 8's 2.44 points to 1.74 (90.64% at q75
+    # against 90.08%; README, Model: JPEG). These guard JPEG uploads against getting worse while
+    # the target stays open.
+    assert jpeg["q75"] >= 0.905
+    assert evaluation["accuracy"] - jpeg["q75"] <= 0.02
 
 
 @pytest.mark.slow

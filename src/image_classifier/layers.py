@@ -164,7 +164,7 @@ class BlurPool2D(keras.layers.Layer):  # type: ignore[misc]
     of one pixel or a JPEG's blocking and ringing change what the next layer sees by more than
     they change the picture. Blurring before subsampling keeps the max's selectivity and drops
     the folded detail. The output grid is ``MaxPooling2D(2)``'s (``floor(side / 2)``); no
-    weights, one depthwise filter per channel.
+    weights; the same filter on every channel.
     """
 
     def call(self, inputs: Any) -> Any:
