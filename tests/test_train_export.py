@@ -385,7 +385,12 @@ def test_calibrating_reexport_of_an_uncalibrated_version(
     metrics = card["metrics"]
     assert metrics["validation_accuracy_keras_best_epoch"] == 0.5  # the old name's figure
     assert metrics["before_calibration"]["version"] == 1
-    assert card["calibration"]["ece_after"] <= card["calibration"]["ece_before"]
+    # The temperature minimizes the validation NLL, and T = 1 is one of the candidates, so the NLL
+    # can only fall. The ECE of a barely trained model on 60 images can move either way (it
+    # rose on some CPUs), so it is only checked to be a proportion.
+    calibration = card["calibration"]
+    assert calibration["nll_after"] <= calibration["nll_before"]
+    assert 0.0 <= calibration["ece_after"] <= 1.0
     assert not (calibrated / CONFUSION_FILE).exists()  # it described the old answers
 
     images = normalize(validation.images)
