@@ -11,8 +11,8 @@ median of each arm:
   recipe, the model the whitened stem and nine-token TCN replaced;
 - ``keras-conv1d``: the TCN with Keras' own ``Conv1D``, the layer ``layers.CausalConv1D``
   replaced (same arithmetic and variables);
-- ``blur-pool``: the recipe with ``"pooling": "blur"`` (``layers.BlurPool2D``, anti-aliased
-  max-pooling) in place of 2x2 max-pooling.
+- ``max-pool``: the recipe with plain 2x2 max-pooling (``"pooling": "max"``, version 8's
+  architecture) in place of the anti-aliased pooling (``layers.BlurPool2D``) it ships with.
 
 Usage::
 
@@ -40,7 +40,7 @@ from image_classifier.model import ModelConfig
 from image_classifier.train import compile_model, configure_threads, load_configs
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_tcn.json"
-ARMS = ("fused", "keras", "v5-architecture", "keras-conv1d", "blur-pool")
+ARMS = ("fused", "keras", "v5-architecture", "keras-conv1d", "max-pool")
 
 
 def keras_batch_norm(config: ModelConfig, name: str) -> Any:
@@ -57,8 +57,8 @@ def build(arm: str, batch_size: int) -> Any:
     model_config, train_config = load_configs(RECIPE, train_overrides={"batch_size": batch_size})
     if arm == "v5-architecture":
         model_config = ModelConfig()
-    if arm == "blur-pool":
-        model_config = dataclasses.replace(model_config, pooling="blur")
+    if arm == "max-pool":
+        model_config = dataclasses.replace(model_config, pooling="max")
     keras.mixed_precision.set_global_policy(train_config.precision)
     fused = model_module._batch_norm
     causal = layers_module.CausalConv1D
