@@ -523,3 +523,5 @@ def test_a_blur_pooling_model_has_the_same_grid_and_weights_and_counts_its_filte
     assert ModelConfig.from_dict(json.loads(blurred.to_json())) == blurred
     with pytest.raises(ValueError, match="pooling"):
         validate_config(dataclasses.replace(WHITENED, pooling="average"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="token_pool"):
+        validate_config(dataclasses.replace(WHITENED, pooling="blur", token_pool=3))

@@ -49,6 +49,9 @@ WHITENING_SAMPLE = 5000
 # What the classifier can read from the TCN's output steps (``ModelConfig.readout``).
 Readout = Literal["last", "mean", "max"]
 READOUTS: tuple[str, ...] = get_args(Readout)
+# How the stem halves its grids (``ModelConfig.pooling``).
+Pooling = Literal["max", "blur"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class ModelConfig:
     # How the stem halves its grids (and pools tokens by 2): "max" is 2x2 max-pooling, "blur"
     # the anti-aliased max of layers.BlurPool2D (a max at stride 1, then a binomial blur at
     # stride 2), so detail finer than the new grid, such as a JPEG's blocking, is not folded in.
-    pooling: Literal["max", "blur"] = "max"
+    pooling: Pooling = "max"
     layout: Literal["raster", "rows"] = "raster"
     tcn_filters: int = 128
     kernel_size: int = 3
@@ -154,8 +157,11 @@ def validate_config(config: ModelConfig) -> None:
         raise ConfigError("whiten_patch and token_pool shape the stem; they need stem_filters")
     if config.stem_filters and token_grid_side(config) < 1:
         raise ConfigError("too many stem stages (or too much token pooling) for a 32x32 image")
-    if config.pooling not in ("max", "blur"):
-        raise ConfigError(f"pooling must be 'max' or 'blur', not {config.pooling!r}")
+    if config.pooling not in POOLINGS:
+        raise ConfigError(f"pooling must be one of {POOLINGS}, not {config.pooling!r}")
+    if config.pooling == "blur" and config.token_pool not in (1, 2):
+        # BlurPool2D halves a grid; a larger token pool would silently stay a plain max.
+        raise ConfigError("pooling 'blur' halves grids: it needs token_pool 1 or 2")
     if config.readout not in READOUTS:
         raise ConfigError(f"readout must be one of {READOUTS}, not {config.readout!r}")
     if config.kernel_size < 2 or config.convs_per_block < 1:
@@ -247,7 +253,7 @@ def _batch_norm(config: ModelConfig, name: str) -> keras.layers.Layer:
 def _pool(config: ModelConfig, size: int, name: str) -> keras.layers.Layer:
     from keras import layers
 
-    if config.pooling == "blur" and size == 2:
+    if config.pooling == "blur":
         from image_classifier.layers import BlurPool2D
 
         return BlurPool2D(name=name)

@@ -12,7 +12,7 @@ from image_classifier.constants import DEFAULT_MODEL_BASE_PATH
 
 
 def register(subparsers: SubParsers) -> None:
-    from image_classifier.model import READOUTS, ModelConfig
+    from image_classifier.model import POOLINGS, READOUTS, ModelConfig
     from image_classifier.train import DISTRIBUTE_MODES, LOOKAHEAD_EVERY, TrainConfig
 
     m, t = ModelConfig(), TrainConfig()
@@ -146,7 +146,7 @@ def register(subparsers: SubParsers) -> None:
     )
     a.add_argument(
         "--pooling",
-        choices=["max", "blur"],
+        choices=POOLINGS,
         help="how the stem halves its grids: 2x2 max-pooling, or blur, the max made "
         f"anti-aliased (a max at stride 1, then a binomial blur at stride 2; default {m.pooling})",
     )
