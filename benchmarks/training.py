@@ -12,7 +12,8 @@ median of each arm:
 - ``keras-conv1d``: the TCN with Keras' own ``Conv1D``, the layer ``layers.CausalConv1D``
   replaced (same arithmetic and variables);
 - ``max-pool``: the recipe with plain 2x2 max-pooling (``"pooling": "max"``, version 8's
-  architecture) in place of the anti-aliased pooling (``layers.BlurPool2D``) it ships with.
+  architecture) in place of the anti-aliased pooling (``layers.BlurPool2D``) it ships with;
+- ``blur5``: the recipe with the 5-tap blur pooling (``"pooling": "blur5"``).
 
 Usage::
 
@@ -40,7 +41,7 @@ from image_classifier.model import ModelConfig
 from image_classifier.train import compile_model, configure_threads, load_configs
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_tcn.json"
-ARMS = ("fused", "keras", "v5-architecture", "keras-conv1d", "max-pool")
+ARMS = ("fused", "keras", "v5-architecture", "keras-conv1d", "max-pool", "blur5")
 
 
 def keras_batch_norm(config: ModelConfig, name: str) -> Any:
@@ -59,6 +60,8 @@ def build(arm: str, batch_size: int) -> Any:
         model_config = ModelConfig()
     if arm == "max-pool":
         model_config = dataclasses.replace(model_config, pooling="max")
+    if arm == "blur5":
+        model_config = dataclasses.replace(model_config, pooling="blur5")
     keras.mixed_precision.set_global_policy(train_config.precision)
     fused = model_module._batch_norm
     causal = layers_module.CausalConv1D

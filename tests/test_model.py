@@ -15,6 +15,7 @@ keras = pytest.importorskip("keras")
 
 from image_classifier.model import (  # noqa: E402
     ModelConfig,
+    Pooling,
     build_model,
     count_flops,
     flops_by_part,
@@ -474,19 +475,30 @@ def test_a_chroma_subsampling_model_whitens_what_that_layer_passes_on() -> None:
     )
 
 
+@pytest.mark.parametrize("taps", [3, 5])
 @pytest.mark.parametrize("side", [31, 30, 15, 7, 2])
-def test_blur_pooling_is_a_max_at_stride_1_then_a_binomial_blur_at_stride_2(side: int) -> None:
+def test_blur_pooling_is_a_max_at_stride_1_then_a_binomial_blur_at_stride_2(
+    side: int, taps: int
+) -> None:
     from image_classifier.layers import BlurPool2D
 
     x = np.random.default_rng(side).random((2, side, side, 5)).astype(np.float32)
-    out = np.asarray(BlurPool2D()(x))
+    if side - 1 < (taps - 1) // 2:  # too small a grid to mirror: a clear error, not TF's
+        with pytest.raises(ValueError, match="grids of at least"):
+            BlurPool2D(taps=taps)(x)
+        return
+    out = np.asarray(BlurPool2D(taps=taps)(x))
     assert out.shape == tuple(keras.layers.MaxPooling2D(2)(x).shape)  # the same grid
     maxed = tf.nn.max_pool2d(x, 2, 1, "VALID")
-    padded = tf.pad(maxed, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
-    binomial = np.outer([1, 2, 1], [1, 2, 1]) / np.float32(16)
+    edge = (taps - 1) // 2
+    padded = tf.pad(maxed, [[0, 0], [edge, edge], [edge, edge], [0, 0]], mode="SYMMETRIC")
+    row = {3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}[taps]
+    binomial = np.outer(row, row) / np.float32(sum(row) ** 2)
     kernel = np.repeat(binomial[:, :, None, None], 5, axis=2).astype(np.float32)
     expected = tf.nn.depthwise_conv2d(padded, kernel, [1, 2, 2, 1], "VALID")
     np.testing.assert_allclose(out, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="taps"):
+        BlurPool2D(taps=4)
 
 
 def test_blur_pooling_answers_a_one_pixel_shift_more_steadily_than_max_pooling() -> None:
@@ -500,23 +512,33 @@ def test_blur_pooling_answers_a_one_pixel_shift_more_steadily_than_max_pooling()
     x = (0.7 * blocks + 0.3 * rng.random((8, 32, 33, 4))).astype(np.float32)
     original, shifted = x[:, :, :32], x[:, :, 1:]
     agreement = {}
-    for name, pool in [("max", keras.layers.MaxPooling2D(2)), ("blur", BlurPool2D())]:
+    pools = [
+        ("max", keras.layers.MaxPooling2D(2)),
+        ("blur", BlurPool2D()),
+        ("blur5", BlurPool2D(taps=5)),
+    ]
+    for name, pool in pools:
         a, b = np.asarray(pool(original)), np.asarray(pool(shifted))
         inner = (slice(None), slice(1, -1), slice(1, -1))  # away from the edges
         agreement[name] = np.corrcoef(a[inner].ravel(), b[inner].ravel())[0, 1]
     assert agreement["blur"] > agreement["max"] + 0.05, agreement
+    assert agreement["blur5"] > agreement["blur"], agreement  # the stronger low-pass
 
 
-def test_a_blur_pooling_model_has_the_same_grid_and_weights_and_counts_its_filters() -> None:
-    blurred = dataclasses.replace(WHITENED, pooling="blur")
+@pytest.mark.parametrize(("pooling", "taps"), [("blur", 3), ("blur5", 5)])
+def test_a_blur_pooling_model_has_the_same_grid_and_weights_and_counts_its_filters(
+    pooling: Pooling, taps: int
+) -> None:
+    blurred = dataclasses.replace(WHITENED, pooling=pooling)
     plain, model = build_model(WHITENED), build_model(blurred)
     names = [layer.name for layer in model.layers if type(layer).__name__ == "BlurPool2D"]
     assert names == ["stem0_0_pool", "stem1_0_pool", "stem_token_pool"]
     assert model.count_params() == plain.count_params()
     tokens = model.get_layer("to_sequence").output.shape
     assert tokens == plain.get_layer("to_sequence").output.shape
-    # Each blur is a 3x3 filter per channel at every output position: 15x15x8, 7x7x16, 3x3x16.
-    blur_flops = 2 * 9 * (15 * 15 * 8 + 7 * 7 * 16 + 3 * 3 * 16)
+    # Each blur is a taps x taps filter per channel at every output position: 15x15x8, 7x7x16,
+    # 3x3x16.
+    blur_flops = 2 * taps**2 * (15 * 15 * 8 + 7 * 7 * 16 + 3 * 3 * 16)
     assert flops_by_part(model)["stem"] == flops_by_part(plain)["stem"] + blur_flops
     images = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
     assert np.isfinite(np.asarray(model(images, training=False))).all()
@@ -524,4 +546,4 @@ def test_a_blur_pooling_model_has_the_same_grid_and_weights_and_counts_its_filte
     with pytest.raises(ValueError, match="pooling"):
         validate_config(dataclasses.replace(WHITENED, pooling="average"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="token_pool"):
-        validate_config(dataclasses.replace(WHITENED, pooling="blur", token_pool=3))
+        validate_config(dataclasses.replace(WHITENED, pooling=pooling, token_pool=3))

@@ -160,7 +160,7 @@ def test_signatures_have_the_serving_contract(trained: TrainResult) -> None:
     assert byte_inputs["image_bytes"].dtype == tf.string
 
 
-@pytest.mark.parametrize("pooling", ["max", "blur"])
+@pytest.mark.parametrize("pooling", ["max", "blur", "blur5"])
 def test_reloaded_export_matches_in_memory_model(tmp_path: Path, pooling: str) -> None:
     """serving_default from disk == the Keras model's softmax (with and without flip TTA)."""
     keras.utils.set_random_seed(7)

@@ -157,24 +157,47 @@ class ChromaSubsample(keras.layers.Layer):  # type: ignore[misc]
 @keras.saving.register_keras_serializable(package="image_classifier")
 class BlurPool2D(keras.layers.Layer):  # type: ignore[misc]
     """2x2 max-pooling made anti-aliased (Zhang 2019, "Making Convolutional Networks
-    Shift-Invariant Again"): the max over every 2x2 window at stride 1, then a fixed 3x3
-    binomial blur at stride 2 (edges mirrored), in place of the max at stride 2.
+    Shift-Invariant Again"): the max over every 2x2 window at stride 1, then a fixed binomial
+    blur at stride 2 (edges mirrored), in place of the max at stride 2.
 
     A max at stride 2 folds detail finer than the new grid back into it as aliasing, so a shift
     of one pixel or a JPEG's blocking and ringing change what the next layer sees by more than
     they change the picture. Blurring before subsampling keeps the max's selectivity and drops
-    the folded detail. The output grid is ``MaxPooling2D(2)``'s (``floor(side / 2)``); no
+    the folded detail. ``taps`` is the filter's width: 3 ([1, 2, 1]) or 5 ([1, 4, 6, 4, 1], a
+    stronger low-pass). The output grid is ``MaxPooling2D(2)``'s (``floor(side / 2)``); no
     weights; the same filter on every channel.
     """
 
+    TAPS = (3, 5)
+
+    def __init__(self, taps: int = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if taps not in self.TAPS:
+            raise ValueError(f"taps must be one of {self.TAPS}, not {taps!r}")
+        self.taps = taps
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        # Mirroring needs as many pixels as it adds: the stride-1 max's grid (side - 1) must
+        # be at least (taps - 1) / 2, which only the 5-tap filter on a 2x2 grid misses.
+        edge = (self.taps - 1) // 2
+        if any(side is not None and side - 1 < edge for side in input_shape[1:3]):
+            raise ValueError(f"a {self.taps}-tap blur pooling needs grids of at least {edge + 1}")
+        super().build(input_shape)
+
     def call(self, inputs: Any) -> Any:
         pooled = tf.nn.max_pool2d(inputs, ksize=2, strides=1, padding="VALID")
-        padded = tf.pad(pooled, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
-        # [1, 2, 1] is [1, 1] convolved with itself, so the 3x3 binomial filter at stride 2 is a
-        # 2x2 average at stride 1 and then one at stride 2: the same numbers as a depthwise
-        # convolution, at a fraction of its cost on a CPU.
-        smoothed = tf.nn.avg_pool2d(padded, ksize=2, strides=1, padding="VALID")
+        edge = (self.taps - 1) // 2
+        padded = tf.pad(pooled, [[0, 0], [edge, edge], [edge, edge], [0, 0]], mode="SYMMETRIC")
+        # The binomial filter of n taps is [1, 1] convolved with itself n - 1 times, so the
+        # n x n filter at stride 2 is n - 2 2x2 averages at stride 1 and one at stride 2: the
+        # same numbers as a depthwise convolution, at a fraction of its cost on a CPU.
+        smoothed = padded
+        for _ in range(self.taps - 2):
+            smoothed = tf.nn.avg_pool2d(smoothed, ksize=2, strides=1, padding="VALID")
         return tf.nn.avg_pool2d(smoothed, ksize=2, strides=2, padding="VALID")
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "taps": self.taps}
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         batch, height, width, channels = input_shape

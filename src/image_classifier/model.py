@@ -50,8 +50,10 @@ WHITENING_SAMPLE = 5000
 Readout = Literal["last", "mean", "max"]
 READOUTS: tuple[str, ...] = get_args(Readout)
 # How the stem halves its grids (``ModelConfig.pooling``).
-Pooling = Literal["max", "blur"]
+Pooling = Literal["max", "blur", "blur5"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
+# The binomial filter's width of each anti-aliased pooling (layers.BlurPool2D).
+BLUR_TAPS = {"blur": 3, "blur5": 5}
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,9 @@ class ModelConfig:
     # Max-pool the stem's last grid by this factor before reading it as tokens (1: none).
     token_pool: int = 1
     # How the stem halves its grids (and pools tokens by 2): "max" is 2x2 max-pooling, "blur"
-    # the anti-aliased max of layers.BlurPool2D (a max at stride 1, then a binomial blur at
-    # stride 2), so detail finer than the new grid, such as a JPEG's blocking, is not folded in.
+    # the anti-aliased max of layers.BlurPool2D (a max at stride 1, then a 3-tap binomial blur
+    # at stride 2), so detail finer than the new grid, such as a JPEG's blocking, is not folded
+    # in; "blur5" the same with a 5-tap blur, a stronger low-pass.
     pooling: Pooling = "max"
     layout: Literal["raster", "rows"] = "raster"
     tcn_filters: int = 128
@@ -159,9 +162,9 @@ def validate_config(config: ModelConfig) -> None:
         raise ConfigError("too many stem stages (or too much token pooling) for a 32x32 image")
     if config.pooling not in POOLINGS:
         raise ConfigError(f"pooling must be one of {POOLINGS}, not {config.pooling!r}")
-    if config.pooling == "blur" and config.token_pool not in (1, 2):
+    if config.pooling != "max" and config.token_pool not in (1, 2):
         # BlurPool2D halves a grid; a larger token pool would silently stay a plain max.
-        raise ConfigError("pooling 'blur' halves grids: it needs token_pool 1 or 2")
+        raise ConfigError(f"pooling {config.pooling!r} halves grids: it needs token_pool 1 or 2")
     if config.readout not in READOUTS:
         raise ConfigError(f"readout must be one of {READOUTS}, not {config.readout!r}")
     if config.kernel_size < 2 or config.convs_per_block < 1:
@@ -253,10 +256,10 @@ def _batch_norm(config: ModelConfig, name: str) -> keras.layers.Layer:
 def _pool(config: ModelConfig, size: int, name: str) -> keras.layers.Layer:
     from keras import layers
 
-    if config.pooling == "blur":
+    if config.pooling != "max":
         from image_classifier.layers import BlurPool2D
 
-        return BlurPool2D(name=name)
+        return BlurPool2D(taps=BLUR_TAPS[config.pooling], name=name)
     return layers.MaxPooling2D(size, name=name)
 
 
@@ -429,9 +432,9 @@ def flops_by_part(model: keras.Model) -> dict[str, int]:
         elif isinstance(layer, layers.Dense):
             flops = 2 * int(layer.kernel.shape[0]) * int(layer.kernel.shape[1])
         elif isinstance(layer, BlurPool2D):
-            # One 3x3 depthwise filter per channel at every output position.
+            # One taps x taps depthwise filter per channel at every output position.
             _, height, width, channels = layer.output.shape
-            flops = 2 * 9 * int(height) * int(width) * int(channels)
+            flops = 2 * layer.taps**2 * int(height) * int(width) * int(channels)
         parts[model_part(layer.name)] += flops
     return parts
 

@@ -148,7 +148,8 @@ def register(subparsers: SubParsers) -> None:
         "--pooling",
         choices=POOLINGS,
         help="how the stem halves its grids: 2x2 max-pooling, or blur, the max made "
-        f"anti-aliased (a max at stride 1, then a binomial blur at stride 2; default {m.pooling})",
+        "anti-aliased (a max at stride 1, then a 3-tap binomial blur at stride 2), or blur5, "
+        f"the same with a 5-tap blur (default {m.pooling})",
     )
     a.add_argument("--layout", choices=["raster", "rows"], help=f"default {m.layout}")
     a.add_argument("--tcn-filters", type=int, help=f"default {m.tcn_filters}")
