@@ -265,6 +265,38 @@ def test_train_no_tcn_builds_the_ablation() -> None:
     assert "tcn" not in _given(build_parser().parse_args(["train"]), _MODEL_FLAGS)
 
 
+def test_train_time_budget_flag_sets_and_lifts_the_configs_limit(tmp_path: Path) -> None:
+    from image_classifier.cli.train import _MODEL_FLAGS, _given, _train_overrides
+    from image_classifier.train import load_configs
+
+    config = tmp_path / "recipe.json"
+    config.write_text('{"train": {"time_budget_minutes": 57}}', encoding="utf-8")
+
+    def budget(*flags: str) -> float | None:
+        args = build_parser().parse_args(["train", *flags])
+        _, train_config = load_configs(
+            config,
+            model_overrides=_given(args, _MODEL_FLAGS),
+            train_overrides=_train_overrides(args),
+        )
+        return train_config.time_budget_minutes
+
+    assert budget() == 57
+    assert budget("--time-budget-minutes", "45.5") == 45.5
+    assert budget("--time-budget-minutes", "0") is None  # no limit
+
+
+def test_a_negative_time_budget_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["train", "--time-budget-minutes", "-5", "--data-dir", str(tmp_path)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and "time_budget_minutes must be positive" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_train_stem_and_crop_flags_reach_the_configs() -> None:
     from image_classifier.cli.train import _MODEL_FLAGS, _TRAIN_FLAGS, _given
     from image_classifier.errors import ConfigError

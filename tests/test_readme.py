@@ -152,6 +152,28 @@ def test_readme_model_figures_are_the_shipped_card() -> None:
     assert f"**{card['metrics']['validation_accuracy'] * 100:.2f}%**" in block
 
 
+def test_the_block_says_when_a_time_budget_shortened_the_run(tmp_path: Path) -> None:
+    import shutil
+
+    from image_classifier.model_card import EVALUATION_FILE, figures_markdown
+    from image_classifier.servable import resolve_version_dir
+
+    shipped = resolve_version_dir(SHIPPED)
+    shutil.copy(shipped / EVALUATION_FILE, tmp_path / EVALUATION_FILE)
+    card = json.loads((shipped / "metadata.json").read_text(encoding="utf-8"))
+    card["training"].update(
+        epochs=30,
+        epochs_run=24,
+        training_seconds=3300.0,
+        time_budget={"minutes": 58, "epochs_planned": 24, "stopped_early": True},
+    )
+    (tmp_path / "metadata.json").write_text(json.dumps(card), encoding="utf-8")
+
+    block = figures_markdown(tmp_path)
+    assert "| 55.0 min (24 of 30 epochs, the time budget's) |" in block
+    assert "of 30 epochs" not in figures_markdown(shipped)
+
+
 def test_a_stale_readme_block_is_caught(tmp_path: Path) -> None:
     from image_classifier.model_card import BEGIN, END, figures_markdown, replace_block
     from image_classifier.servable import resolve_version_dir

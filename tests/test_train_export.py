@@ -643,6 +643,59 @@ def test_lookahead_is_refused_for_distributed_training(cifar_dir: Path, tmp_path
     assert not any(tmp_path.iterdir())
 
 
+def test_a_spent_time_budget_ends_the_run_after_an_epoch_and_still_exports(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    """A budget smaller than one epoch (and the export's reserve): the run plans one epoch,
+    ends its learning-rate schedule there, stops, and exports what it trained."""
+    splits = load_splits(cifar_dir, validation_size=TINY_TRAIN.validation_size)
+    config = dataclasses.replace(TINY_TRAIN, epochs=3, time_budget_minutes=0.01)
+    result = train(
+        splits,
+        model_config=TINY_MODEL,
+        train_config=config,
+        model_base_path=tmp_path / "models",
+        run_dir=tmp_path / "run",
+    )
+
+    assert result.epochs_run == 1 and result.stopped_by_time_budget and not result.interrupted
+    assert result.export_dir is not None and (result.export_dir / "saved_model.pb").exists()
+    card = json.loads((result.export_dir / METADATA_FILE).read_text())
+    assert card["training"]["epochs"] == 3 and card["training"]["epochs_run"] == 1
+    assert card["training"]["time_budget_minutes"] == 0.01
+    assert card["training"]["time_budget"] == {
+        "minutes": 0.01,
+        "epochs_planned": 1,
+        "stopped_early": True,
+    }
+    assert len(json.loads((result.export_dir / HISTORY_FILE).read_text())["loss"]) == 1
+
+
+def test_a_time_budget_is_refused_for_multi_worker_training(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    from image_classifier.errors import ConfigError
+
+    splits = load_splits(cifar_dir, validation_size=TINY_TRAIN.validation_size)
+    with pytest.raises(ConfigError, match="time_budget_minutes trains in one process"):
+        train(
+            splits,
+            model_config=TINY_MODEL,
+            train_config=dataclasses.replace(TINY_TRAIN, time_budget_minutes=30),
+            model_base_path=tmp_path,
+            distribute="multi-worker",
+        )
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("minutes", [0, -5, float("nan")])
+def test_a_time_budget_must_be_positive(minutes: float) -> None:
+    from image_classifier.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="time_budget_minutes must be positive"):
+        TrainConfig(time_budget_minutes=minutes)
+
+
 def test_norm_biases_take_scaled_steps_and_everything_else_the_same() -> None:
     """``norm_bias_lr_scale`` multiplies the normalization biases' steps, weight decay included
     as it was, and leaves every other variable's step exactly as without it."""

@@ -84,11 +84,12 @@ def figures_markdown(version_dir: Path) -> str:
             )
         )
     hardware = training.get("hardware", {})
+    epochs = f"{training['epochs_run']} epochs"
+    budget = training.get("time_budget") or {}
+    if budget.get("stopped_early"):
+        epochs = f"{training['epochs_run']} of {training['epochs']} epochs, the time budget's"
     rows += [
-        (
-            "training time (`fit`)",
-            f"{training['training_seconds'] / 60:.1f} min ({training['epochs_run']} epochs)",
-        ),
+        ("training time (`fit`)", f"{training['training_seconds'] / 60:.1f} min ({epochs})"),
         (
             "trained on",
             f"{hardware.get('cores', '?')} CPU cores, {hardware.get('gpus', 0)} GPUs, "

@@ -24,7 +24,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
@@ -60,6 +60,12 @@ from image_classifier.model import (
     parameters_by_part,
     receptive_field,
     sequence_length,
+)
+from image_classifier.schedule import (
+    BudgetReport,
+    Replannable,
+    one_cycle_schedule,
+    time_budget_callback,
 )
 
 if TYPE_CHECKING:
@@ -117,6 +123,10 @@ class TrainConfig:
     # Lookahead (Zhang et al. 2019) on airbench's schedule: every LOOKAHEAD_EVERY steps the
     # weights and normalization statistics are pulled into a slow copy, which they then take.
     lookahead: bool = False
+    # Wall-clock minutes for the whole run, from loading the data to the export (None: no
+    # limit). After every epoch the run plans how many of ``epochs`` fit, and re-plans the
+    # learning-rate schedule to end there (schedule.py): a budget only ever shortens a run.
+    time_budget_minutes: float | None = None
     verbose: int = 1
 
     def __post_init__(self) -> None:
@@ -127,6 +137,11 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.crop_padding < 32:
             raise ConfigError(f"crop_padding must be in [0, 32), got {self.crop_padding}")
+        if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
+            raise ConfigError(
+                f"time_budget_minutes must be positive (or null: no limit), got "
+                f"{self.time_budget_minutes}"
+            )
         if not self.jpeg_consistency >= 0:
             raise ConfigError(f"jpeg_consistency must be >= 0, got {self.jpeg_consistency}")
         if self.jpeg_consistency and self.batch_size % 2:
@@ -195,6 +210,8 @@ class TrainResult:
     training_seconds: float
     interrupted: bool
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Set when the time budget ended the run before its configured epochs.
+    stopped_by_time_budget: bool = False
 
 
 @dataclass(frozen=True)
@@ -330,27 +347,6 @@ def configure_threads() -> int:
     return cores
 
 
-def one_cycle_schedule(peak: float, total_steps: int, warmup_fraction: float) -> Any:
-    """Linear warm-up from peak/10 to peak, then linear decay to 0 (a "one-cycle" shape)."""
-    import keras
-    from keras import ops
-
-    warmup = max(1, int(total_steps * warmup_fraction))
-
-    @keras.saving.register_keras_serializable(package="image_classifier")
-    class OneCycle(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
-        def __call__(self, step: Any) -> Any:
-            step = ops.cast(step, "float32")
-            up = peak * (0.1 + 0.9 * step / warmup)
-            down = peak * ops.maximum(0.0, (total_steps - step) / max(1, total_steps - warmup))
-            return ops.where(step < warmup, up, down)
-
-        def get_config(self) -> dict[str, Any]:
-            return {"peak": peak, "total_steps": total_steps, "warmup": warmup}
-
-    return OneCycle()
-
-
 # airbench's Lookahead: every LOOKAHEAD_EVERY steps, slow = decay * slow + (1 - decay) * weights,
 # then the weights become the slow copy. decay ramps up as LOOKAHEAD_DECAY * (step / total) ** 3
 # (no pull early in training, when the weights move fast); the last step ends on the copy.
@@ -365,8 +361,11 @@ def lookahead_decay(step: int, total_steps: int) -> float:
     return float(LOOKAHEAD_DECAY * (step / total_steps) ** 3)
 
 
-def lookahead_callback(total_steps: int) -> keras.callbacks.Callback:
+def lookahead_callback(total_steps: int | Callable[[], int]) -> keras.callbacks.Callback:
     """Keras callback applying :func:`lookahead_decay`'s Lookahead to the model it trains.
+
+    ``total_steps`` is the run's length, or a function giving it (read at every step: a time
+    budget can shorten the run while it trains).
 
     The slow copy covers the trainable weights and the normalization layers' moving statistics
     (as airbench's covers its buffers), so the weights the run ends with and the statistics they
@@ -398,8 +397,9 @@ def lookahead_callback(total_steps: int) -> keras.callbacks.Callback:
 
         def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
             self.step += 1
-            if self.step % LOOKAHEAD_EVERY == 0 or self.step == total_steps:
-                self.pull(tf.constant(lookahead_decay(self.step, total_steps), tf.float32))
+            total = total_steps() if callable(total_steps) else total_steps
+            if self.step % LOOKAHEAD_EVERY == 0 or self.step == total:
+                self.pull(tf.constant(lookahead_decay(self.step, total), tf.float32))
 
     return Lookahead()
 
@@ -481,14 +481,14 @@ def gradient_scaled_sgd(scales: Mapping[str, float], **kwargs: Any) -> keras.opt
     return GradientScaledSGD(**kwargs)
 
 
-def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int) -> None:
+def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int) -> Replannable:
+    """Compile ``model`` for ``config``'s optimisation; returns its learning-rate schedule."""
     import keras
 
     peak = config.learning_rate * config.batch_size / 512
+    schedule = one_cycle_schedule(peak, steps_per_epoch * config.epochs, config.warmup_fraction)
     settings: dict[str, Any] = {
-        "learning_rate": one_cycle_schedule(
-            peak, steps_per_epoch * config.epochs, config.warmup_fraction
-        ),
+        "learning_rate": schedule,
         "momentum": config.momentum,
         "nesterov": True,
         "weight_decay": config.weight_decay,
@@ -505,6 +505,7 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
         loss=training_loss(config),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
+    return schedule
 
 
 def hardware_description() -> dict[str, Any]:
@@ -540,6 +541,7 @@ def train(
     run_dir: str | os.PathLike[str] | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     distribute: Distribute = "none",
+    started: float | None = None,
 ) -> TrainResult:
     """Fit a model on ``data.train``, select on ``data.validation``, export the best epoch.
 
@@ -547,7 +549,9 @@ def train(
     ``distribute`` spreads the training (module docstring); the global batch size and the
     learning-rate schedule stay as configured whatever the number of replicas. In a
     multi-worker run every worker trains and checkpoints (non-chief workers under
-    ``<run_dir>/worker-<id>/``), and only the chief exports.
+    ``<run_dir>/worker-<id>/``), and only the chief exports. ``started`` is the
+    ``time.monotonic()`` the time budget counts from (default: now; :func:`train_from_dir`
+    passes when it began loading the data).
     """
     import keras
 
@@ -565,6 +569,13 @@ def train(
     if train_config.lookahead and distribute != "none":
         # Its callback assigns the model's variables between steps, outside the replicas.
         raise ConfigError("lookahead trains in one process only (distribute 'none')")
+    if train_config.time_budget_minutes is not None and distribute == "multi-worker":
+        # Each worker would time its own epochs, and workers that planned different ends would
+        # wait for each other's steps forever.
+        raise ConfigError(
+            "time_budget_minutes trains in one process only (distribute 'none' or 'mirrored')"
+        )
+    started = time.monotonic() if started is None else started
     if train_config.jpeg_consistency and distribute != "none":
         # Its loss pairs the two halves of a batch; replicas would each hold a slice of one.
         raise ConfigError("jpeg_consistency trains in one process only (distribute 'none')")
@@ -599,7 +610,7 @@ def train(
         finally:
             keras.mixed_precision.set_global_policy("float32")
         init_whitening(model, data.train.images, model_config)
-        compile_model(model, train_config, steps_per_epoch)
+        schedule = compile_model(model, train_config, steps_per_epoch)
 
     run_path = Path(run_dir) if run_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if plan.role is not None and not plan.role.is_chief:
@@ -617,8 +628,20 @@ def train(
             save_weights_only=True,
         ),
     ]
+    budget: BudgetReport | None = None
+    if train_config.time_budget_minutes is not None:
+        budget_callback, budget = time_budget_callback(
+            schedule,
+            epochs=train_config.epochs,
+            steps_per_epoch=steps_per_epoch,
+            minutes=train_config.time_budget_minutes,
+            started=started,
+            report=print if train_config.verbose else lambda _: None,
+        )
+        all_callbacks.append(budget_callback)
     if train_config.lookahead:
-        all_callbacks.append(lookahead_callback(steps_per_epoch * train_config.epochs))
+        # Its last pull lands on the schedule's last step, wherever a time budget moves it.
+        all_callbacks.append(lookahead_callback(lambda: schedule.total_steps))
     if train_config.early_stopping_patience:
         all_callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -730,6 +753,7 @@ def train(
             "epochs_run": len(history.get("loss", [])),
             "interrupted": interrupted,
             "training_seconds": round(training_seconds, 1),
+            **({"time_budget": budget.to_card()} if budget is not None else {}),
             "distribute": _distribution_card(plan),
             "hardware": {**hardware_description(), "cores_used": cores},
         },
@@ -774,6 +798,7 @@ def train(
         training_seconds=training_seconds,
         interrupted=interrupted,
         metadata=metadata,
+        stopped_by_time_budget=budget is not None and budget.stopped_early,
     )
 
 
@@ -1031,6 +1056,7 @@ def train_from_dir(
     **kwargs: Any,
 ) -> TrainResult:
     """Load ``data_dir`` (CIFAR batches, image folder, or None to download) and train."""
+    kwargs.setdefault("started", time.monotonic())  # a time budget counts the loading too
     train_config = train_config or TrainConfig()
     check_distribute(kwargs.get("distribute", "none"))  # before the data: fail in a second
     data = load_splits(

@@ -54,6 +54,14 @@ def register(subparsers: SubParsers) -> None:
     )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"default {t.epochs}")
+    g.add_argument(
+        "--time-budget-minutes",
+        type=float,
+        metavar="MINUTES",
+        help="wall-clock limit for the whole command: after every epoch the run plans how many "
+        "of --epochs fit and ends its learning-rate schedule there (0: no limit; default "
+        f"{t.time_budget_minutes})",
+    )
     g.add_argument("--batch-size", type=int, help=f"default {t.batch_size}")
     g.add_argument(
         "--learning-rate", type=float, help=f"peak LR at batch 512, default {t.learning_rate}"
@@ -184,6 +192,7 @@ def register(subparsers: SubParsers) -> None:
 
 _TRAIN_FLAGS = (
     "epochs",
+    "time_budget_minutes",
     "batch_size",
     "learning_rate",
     "momentum",
@@ -228,13 +237,20 @@ def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = _given(args, _TRAIN_FLAGS)
+    if overrides.get("time_budget_minutes") == 0:
+        overrides["time_budget_minutes"] = None  # lifts a limit the config file sets
+    return overrides
+
+
 def run(args: argparse.Namespace) -> int:
     from image_classifier.train import load_configs, train_from_dir
 
     model_config, train_config = load_configs(
         args.config,
         model_overrides=_given(args, _MODEL_FLAGS),
-        train_overrides=_given(args, _TRAIN_FLAGS),
+        train_overrides=_train_overrides(args),
     )
     result = train_from_dir(
         args.data_dir,
@@ -254,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
                 "epochs_run": result.epochs_run,
                 "training_seconds": round(result.training_seconds, 1),
                 "interrupted": result.interrupted,
+                "stopped_by_time_budget": result.stopped_by_time_budget,
             },
             indent=2,
         )
