@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 if TYPE_CHECKING:
     import keras
 
-# Kept back from a time budget for the work after the last epoch: restoring the best weights,
-# fitting the temperature over the validation split, the plots and the export with its check
-# (the recipe's took about a minute on two cores), and Python and TensorFlow starting up.
+# Kept back from a time budget for the work after the last epoch (restoring the best weights,
+# fitting the temperature over the validation split, the plots, the export with its check: 20
+# to 70 s for the recipe on two cores), Python and TensorFlow starting up, and a last epoch
+# up to half an epoch slower than planned (plan_epochs).
 FINISH_RESERVE_SECONDS: Final = 150.0
 # Epoch times averaged for the plan: the last few, so a host slowing down is followed quickly.
 RECENT_EPOCHS: Final = 3
@@ -106,21 +107,39 @@ def one_cycle_schedule(peak: float, total_steps: int, warmup_fraction: float) ->
     return OneCycle()
 
 
-def plan_epochs(
-    configured: int, done: int, epoch_seconds: Sequence[float], seconds_left: float
-) -> int:
-    """How many epochs the run should have in all, ``done`` of them finished.
+def epoch_estimate(epoch_seconds: Sequence[float]) -> float:
+    """Seconds the next epoch should take: the mean of the last :data:`RECENT_EPOCHS`, leaving
+    out the first epoch once there are others (it also builds the training graph)."""
+    recent = list(epoch_seconds[1:] or epoch_seconds)[-RECENT_EPOCHS:]
+    return sum(recent) / len(recent)
 
-    The next epochs are assumed to take the mean of the last :data:`RECENT_EPOCHS` (the first
-    epoch once there are others: it also builds the training graph). Never fewer than ``done``
-    and never more than ``configured``: a budget only shortens a run.
+
+def plan_epochs(
+    configured: int, done: int, planned: int, epoch_seconds: Sequence[float], seconds_left: float
+) -> int:
+    """How many epochs the run should have in all, ``done`` finished and ``planned`` so far.
+
+    The next epochs are assumed to take :func:`epoch_estimate`. The plan moves only when
+    it is off by more than half an epoch: epochs of one run differ by 10-30%, and re-planning on
+    that noise would bend the schedule every epoch, or end it one epoch early, with the
+    learning rate not yet at zero, over a few seconds. Never fewer than ``done`` and never more
+    than ``configured``: a budget only shortens a run.
     """
     if not epoch_seconds:
         return configured
-    recent = list(epoch_seconds[1:] or epoch_seconds)[-RECENT_EPOCHS:]
-    per_epoch = sum(recent) / len(recent)
-    more = math.floor(max(0.0, seconds_left) / per_epoch) if per_epoch > 0 else configured
-    return max(done, min(configured, done + more))
+    per_epoch = epoch_estimate(epoch_seconds)
+    if per_epoch <= 0:
+        return max(done, min(configured, planned))
+
+    def most_that_fit(seconds: float) -> int:
+        return max(done, min(configured, done + math.floor(max(0.0, seconds) / per_epoch)))
+
+    slack = per_epoch / 2
+    if (planned - done) * per_epoch > seconds_left + slack:
+        return most_that_fit(seconds_left)  # late by over half an epoch: shorten
+    if planned < configured and (planned + 1 - done) * per_epoch <= seconds_left - slack:
+        return most_that_fit(seconds_left - slack)  # another epoch fits with room: lengthen
+    return max(done, min(configured, planned))
 
 
 @dataclass
@@ -171,13 +190,13 @@ def time_budget_callback(
             self.seconds.append(now - self.last)
             self.last = now
             done = epoch + 1
-            planned = plan_epochs(epochs, done, self.seconds, deadline - now)
+            planned = plan_epochs(epochs, done, budget.epochs_planned, self.seconds, deadline - now)
             if planned != budget.epochs_planned:
                 report(
                     # On a line of its own: Keras' progress bar has not ended the epoch's yet.
                     f"\ntime budget: {planned} of {epochs} epochs fit in {minutes:g} min "
-                    f"(epochs of {self.seconds[-1]:.0f} s); the learning rate now reaches 0 "
-                    f"at epoch {planned}"
+                    f"(epochs of about {epoch_estimate(self.seconds):.0f} s); the learning "
+                    f"rate now reaches 0 at epoch {planned}"
                 )
                 schedule.replan(done * steps_per_epoch, planned * steps_per_epoch)
                 budget.epochs_planned = planned
