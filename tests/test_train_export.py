@@ -76,6 +76,17 @@ def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_cifar_batches(tmp_path_factory.mktemp("cifar"), per_batch=60)
 
 
+def _train_tiny(cifar_dir: Path, tmp_path: Path, config: TrainConfig) -> TrainResult:
+    """The tiny model trained on the tiny data, its version and run under ``tmp_path``."""
+    return train(
+        load_splits(cifar_dir, validation_size=TINY_TRAIN.validation_size),
+        model_config=TINY_MODEL,
+        train_config=config,
+        model_base_path=tmp_path / "models",
+        run_dir=tmp_path / "run",
+    )
+
+
 @pytest.fixture(scope="module")
 def trained(cifar_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     base = tmp_path_factory.mktemp("models")
@@ -648,15 +659,8 @@ def test_a_spent_time_budget_ends_the_run_after_an_epoch_and_still_exports(
 ) -> None:
     """A budget smaller than one epoch (and the export's reserve): the run plans one epoch,
     ends its learning-rate schedule there, stops, and exports what it trained."""
-    splits = load_splits(cifar_dir, validation_size=TINY_TRAIN.validation_size)
     config = dataclasses.replace(TINY_TRAIN, epochs=3, time_budget_minutes=0.01)
-    result = train(
-        splits,
-        model_config=TINY_MODEL,
-        train_config=config,
-        model_base_path=tmp_path / "models",
-        run_dir=tmp_path / "run",
-    )
+    result = _train_tiny(cifar_dir, tmp_path, config)
 
     assert result.epochs_run == 1 and result.stopped_by_time_budget and not result.interrupted
     assert result.export_dir is not None and (result.export_dir / "saved_model.pb").exists()
@@ -772,22 +776,15 @@ def test_jpeg_consistency_trains_on_pairs_and_records_the_weight(
 ) -> None:
     from image_classifier.errors import ConfigError
 
-    splits = load_splits(cifar_dir, validation_size=TINY_TRAIN.validation_size)
     config = dataclasses.replace(TINY_TRAIN, epochs=2, jpeg_consistency=2.0)
-    result = train(
-        splits,
-        model_config=TINY_MODEL,
-        train_config=config,
-        model_base_path=tmp_path / "models",
-        run_dir=tmp_path / "run",
-    )
+    result = _train_tiny(cifar_dir, tmp_path, config)
     card = json.loads((result.export_dir / METADATA_FILE).read_text())
     assert card["training"]["jpeg_consistency"] == 2.0
     assert np.isfinite(result.history["loss"]).all()
 
     with pytest.raises(ConfigError, match="jpeg_consistency"):
         train(
-            splits,
+            load_splits(cifar_dir, validation_size=TINY_TRAIN.validation_size),
             model_config=TINY_MODEL,
             train_config=config,
             model_base_path=tmp_path / "elsewhere",
