@@ -15,6 +15,7 @@ Nothing here talks to a cluster or the network; servers listen on 127.0.0.1 only
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -35,9 +36,10 @@ import pytest
 import yaml
 
 from image_classifier.cli import build_parser
+from image_classifier.cli.train import _train_overrides
 from image_classifier.constants import MODEL_NAME
 from image_classifier.data import Shard, replica_batch_size
-from image_classifier.train import TF_CONFIG_ENV, TrainConfig, parse_tf_config
+from image_classifier.train import TF_CONFIG_ENV, load_configs, parse_tf_config
 from test_docker import (
     GATEWAY_DOCKERFILE,
     SERVER_DOCKERFILE,
@@ -812,7 +814,17 @@ def test_training_job_runs_the_train_command_multi_worker() -> None:
     assert mounts["/data"]["readOnly"] is True
     assert Path(args.data_dir).is_relative_to("/data")
     assert Path(args.run_dir).is_relative_to("/tmp")
-    # The recipe's global batch splits evenly across the workers.
-    batch = args.batch_size or TrainConfig().batch_size
+    # The shipped model's recipe, from where the image copies it, less its time budget (which
+    # a multi-worker run refuses).
+    (recipes,) = [c for c in copies(TRAINER_DOCKERFILE) if c.sources == ("configs/",)]
+    config_path = PurePosixPath(args.config)
+    assert config_path.is_relative_to(recipes.dest)
+    recipe = ROOT / "configs" / config_path.relative_to(recipes.dest)
+    _, train_config = load_configs(recipe, train_overrides=_train_overrides(args))
+    _, shipped = load_configs(recipe)
+    assert shipped.time_budget_minutes is not None
+    assert train_config == dataclasses.replace(shipped, time_budget_minutes=None)
+    # Its global batch splits evenly across the workers.
     workers = job["spec"]["completions"]
+    batch = train_config.batch_size
     assert replica_batch_size(batch, Shard(0, workers)) * workers == batch

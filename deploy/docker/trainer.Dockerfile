@@ -7,8 +7,9 @@
 #
 #   docker build -f deploy/docker/trainer.Dockerfile -t image_classifier_trainer .
 #   docker run -v "$PWD/../shared/datasets:/data:ro" -v "$PWD/saved_models:/models" \
-#     image_classifier_trainer --data-dir /data/cifar-10-batches-py \
-#     --model-base-path /models/image_classifier --run-dir /tmp/run
+#     image_classifier_trainer --config /app/configs/cifar10_tcn.json \
+#     --data-dir /data/cifar-10-batches-py --model-base-path /models/image_classifier \
+#     --run-dir /tmp/run
 #
 # Arguments are those of `image-classifier train` (see its --help). Needs BuildKit.
 
@@ -45,6 +46,8 @@ RUN groupadd --system --gid 10001 app \
        --shell /usr/sbin/nologin app
 
 WORKDIR /app
+# The shipped model's recipe, which the Kubernetes Job names with --config.
+COPY configs/ /app/configs/
 USER 10001:10001
 
 # Caches (matplotlib's font cache, Keras' config) go to /tmp: the root filesystem is read-only
