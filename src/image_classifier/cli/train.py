@@ -59,8 +59,8 @@ def register(subparsers: SubParsers) -> None:
         type=float,
         metavar="MINUTES",
         help="wall-clock limit for the whole command: after every epoch the run plans how many "
-        "of --epochs fit and ends its learning-rate schedule there (0: no limit; default "
-        f"{t.time_budget_minutes})",
+        "of --epochs fit and ends its learning-rate schedule there (default: none; 0 lifts a "
+        "limit the --config file sets)",
     )
     g.add_argument("--batch-size", type=int, help=f"default {t.batch_size}")
     g.add_argument(
