@@ -128,17 +128,13 @@ def plan_epochs(
     if not epoch_seconds:
         return configured
     per_epoch = epoch_estimate(epoch_seconds)
-    if per_epoch <= 0:
-        return max(done, min(configured, planned))
-
-    def most_that_fit(seconds: float) -> int:
-        return max(done, min(configured, done + math.floor(max(0.0, seconds) / per_epoch)))
-
     slack = per_epoch / 2
-    if (planned - done) * per_epoch > seconds_left + slack:
-        return most_that_fit(seconds_left)  # late by over half an epoch: shorten
-    if planned < configured and (planned + 1 - done) * per_epoch <= seconds_left - slack:
-        return most_that_fit(seconds_left - slack)  # another epoch fits with room: lengthen
+    if per_epoch > 0 and (planned - done) * per_epoch > seconds_left + slack:
+        # Late by over half an epoch: shorten.
+        planned = done + math.floor(max(0.0, seconds_left) / per_epoch)
+    elif per_epoch > 0 and (planned + 1 - done) * per_epoch <= seconds_left - slack:
+        # Another epoch fits with half an epoch to spare: lengthen.
+        planned = done + math.floor((seconds_left - slack) / per_epoch)
     return max(done, min(configured, planned))
 
 
