@@ -13,7 +13,9 @@ median of each arm:
   replaced (same arithmetic and variables);
 - ``max-pool``: the recipe with plain 2x2 max-pooling (``"pooling": "max"``, version 8's
   architecture) in place of the anti-aliased pooling (``layers.BlurPool2D``) it ships with;
-- ``blur5``: the recipe with the 5-tap blur pooling (``"pooling": "blur5"``).
+- ``blur5``: the recipe with the 5-tap blur pooling (``"pooling": "blur5"``);
+- ``three-stage``: the recipe with a third stem stage in place of the token pooling
+  (``--stem-filters 64,160,256 --token-pool 1 --tcn-filters 320``; README, "A third stem stage").
 
 Usage::
 
@@ -41,7 +43,15 @@ from image_classifier.model import ModelConfig
 from image_classifier.train import compile_model, configure_threads, load_configs
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_tcn.json"
-ARMS = ("fused", "keras", "v5-architecture", "keras-conv1d", "max-pool", "blur5")
+ARMS = (
+    "fused",
+    "keras",
+    "v5-architecture",
+    "keras-conv1d",
+    "max-pool",
+    "blur5",
+    "three-stage",
+)
 
 
 def keras_batch_norm(config: ModelConfig, name: str) -> Any:
@@ -62,6 +72,10 @@ def build(arm: str, batch_size: int) -> Any:
         model_config = dataclasses.replace(model_config, pooling="max")
     if arm == "blur5":
         model_config = dataclasses.replace(model_config, pooling="blur5")
+    if arm == "three-stage":
+        model_config = dataclasses.replace(
+            model_config, stem_filters=(64, 160, 256), token_pool=1, tcn_filters=320
+        )
     keras.mixed_precision.set_global_policy(train_config.precision)
     fused = model_module._batch_norm
     causal = layers_module.CausalConv1D
