@@ -15,7 +15,10 @@ median of each arm:
   architecture) in place of the anti-aliased pooling (``layers.BlurPool2D``) it ships with;
 - ``blur5``: the recipe with the 5-tap blur pooling (``"pooling": "blur5"``);
 - ``three-stage``: the recipe with a third stem stage in place of the token pooling
-  (``--stem-filters 64,160,256 --token-pool 1 --tcn-filters 320``; README, "A third stem stage").
+  (``--stem-filters 64,160,256 --token-pool 1 --tcn-filters 320``; README, "A third stem stage");
+- ``gelu``: the recipe with GELU in place of every ReLU (``--activation gelu``);
+- ``airbench``: airbench94's network under its optimizer settings (``AIRBENCH_MODEL``; README,
+  "Airbench's recipe in this pipeline"), no TCN.
 
 Usage::
 
@@ -51,7 +54,22 @@ ARMS = (
     "max-pool",
     "blur5",
     "three-stage",
+    "gelu",
+    "airbench",
 )
+# Airbench94's network: whitened stem, three convolution blocks of 64, 256 and 256 channels,
+# GELU, BatchNorm without scales and with fast statistics, a global max-pool, logits / 9.
+AIRBENCH_MODEL = {
+    "stem_filters": (64, 256, 256),
+    "token_pool": 1,
+    "pooling": "max",
+    "tcn": False,
+    "readout": "max",
+    "activation": "gelu",
+    "norm_momentum": 0.4,
+    "norm_scale": False,
+    "logit_scale": 1 / 9,
+}
 
 
 def keras_batch_norm(config: ModelConfig, name: str) -> Any:
@@ -76,6 +94,11 @@ def build(arm: str, batch_size: int) -> Any:
         model_config = dataclasses.replace(
             model_config, stem_filters=(64, 160, 256), token_pool=1, tcn_filters=320
         )
+    if arm == "gelu":
+        model_config = dataclasses.replace(model_config, activation="gelu")
+    if arm == "airbench":
+        model_config = dataclasses.replace(model_config, **AIRBENCH_MODEL)  # type: ignore[arg-type]
+        train_config = dataclasses.replace(train_config, norm_bias_lr_scale=64.0)
     keras.mixed_precision.set_global_policy(train_config.precision)
     fused = model_module._batch_norm
     causal = layers_module.CausalConv1D

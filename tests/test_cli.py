@@ -323,6 +323,13 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
             "64",
             "--momentum",
             "0.85",
+            "--activation",
+            "gelu",
+            "--norm-momentum",
+            "0.4",
+            "--logit-scale",
+            "0.125",
+            "--dirac-init",
         ]
     )
     model_config, train_config = load_configs(
@@ -337,6 +344,8 @@ def test_train_stem_and_crop_flags_reach_the_configs() -> None:
     assert train_config.lookahead
     assert not model_config.norm_scale and train_config.norm_bias_lr_scale == 64
     assert train_config.momentum == 0.85
+    assert (model_config.activation, model_config.norm_momentum) == ("gelu", 0.4)
+    assert model_config.logit_scale == 0.125 and model_config.dirac_init
     with pytest.raises(ConfigError, match="crop_padding"):
         load_configs(None, train_overrides={"crop_padding": -1})
     with pytest.raises(ConfigError, match="momentum"):

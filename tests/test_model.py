@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from image_classifier.model import (  # noqa: E402
 )
 
 SMALL = ModelConfig(stem_filters=(8, 16), tcn_filters=16, dropout=0.1)
+WHITENED = ModelConfig(
+    stem_filters=(8, 16), whiten_patch=2, token_pool=2, tcn_filters=16, dilations=(1, 2)
+)
 
 
 def _stack_model(config: ModelConfig, steps: int, channels: int = 4) -> keras.Model:
@@ -194,6 +198,100 @@ def test_the_classifier_reads_the_tcns_output_steps_as_configured(
     np.testing.assert_allclose(model(images), features @ kernel + bias, rtol=1e-5, atol=1e-5)
 
 
+def test_without_the_tcn_the_max_readout_max_pools_the_tokens() -> None:
+    """Airbench's head: a global max over the last grid, then the classifier."""
+    config = ModelConfig(stem_filters=(8, 16), whiten_patch=2, tcn=False, readout="max")
+    model = build_model(config)
+    images = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    tokens = keras.Model(model.input, model.get_layer("to_sequence").output)(images).numpy()
+    kernel, bias = (w.numpy() for w in model.get_layer("logits").weights)
+    expected = tokens.max(axis=1) @ kernel + bias
+    np.testing.assert_allclose(model(images), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(tokens.max(axis=1), tokens.mean(axis=1))  # the two differ here
+
+
+def test_gelu_replaces_every_relu_and_computes_the_exact_gelu() -> None:
+    config = dataclasses.replace(WHITENED, activation="gelu")
+    model = build_model(config)
+    assert not [layer for layer in model.layers if isinstance(layer, keras.layers.ReLU)]
+    activations = [layer for layer in model.layers if isinstance(layer, keras.layers.Activation)]
+    assert all("gelu" in layer.name for layer in activations)
+    # The whitening's, two per stem stage, one per TCN convolution.
+    assert len(activations) == 1 + 2 * 2 + 2 * 2
+    x = np.linspace(-3, 3, 13, dtype=np.float32)
+    erf = np.vectorize(math.erf)
+    np.testing.assert_allclose(
+        activations[0](x), x * 0.5 * (1 + erf(x / np.sqrt(2))), rtol=1e-5, atol=1e-6
+    )
+    relu_model = build_model(WHITENED)
+    assert sum(isinstance(layer, keras.layers.ReLU) for layer in relu_model.layers) == 9
+    assert relu_model.count_params() == model.count_params()
+
+
+def test_the_norm_momentum_reaches_every_batch_norm() -> None:
+    from image_classifier.layers import FusedBatchNormalization
+
+    model = build_model(dataclasses.replace(WHITENED, norm_momentum=0.4))
+    norms = [layer for layer in model.layers if isinstance(layer, FusedBatchNormalization)]
+    assert len(norms) == 2 * 2 + 2 * 2
+    assert {layer.momentum for layer in norms} == {0.4}
+    # Keras' convention: after one training batch the running mean moves 60% of the way.
+    norm = norms[0]
+    x = np.full((4, *norm.input.shape[1:]), 5.0, np.float32)
+    norm(x, training=True)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), 0.6 * 5.0, rtol=1e-6)
+
+
+def test_dirac_init_starts_each_stem_convolution_with_identity_filters() -> None:
+    keras.utils.set_random_seed(1)
+    plain = build_model(WHITENED)
+    keras.utils.set_random_seed(1)
+    model = build_model(dataclasses.replace(WHITENED, dirac_init=True))
+    convs = [layer for layer in model.layers if layer.name.endswith("_conv")]
+    assert [layer.name for layer in convs] == [f"stem{s}_{c}_conv" for s in (0, 1) for c in (0, 1)]
+    for layer in convs:
+        kernel = layer.kernel.numpy()
+        shared = min(kernel.shape[2:])
+        # The identity filters pass their input channel through at the centre tap.
+        x = np.random.default_rng(0).normal(size=(1, 5, 5, kernel.shape[2])).astype(np.float32)
+        y = tf.nn.conv2d(x, kernel, 1, "SAME").numpy()
+        np.testing.assert_allclose(y[..., :shared], x[..., :shared], atol=1e-6)
+        # The other filters keep kernel_init's values.
+        original = plain.get_layer(layer.name).kernel.numpy()
+        np.testing.assert_array_equal(kernel[..., shared:], original[..., shared:])
+    # The TCN's convolutions and the frozen whitening are left as they were.
+    np.testing.assert_array_equal(
+        model.get_layer("tcn0_d1_conv0").kernel.numpy(),
+        plain.get_layer("tcn0_d1_conv0").kernel.numpy(),
+    )
+
+
+def test_the_logit_scale_multiplies_the_classifiers_output() -> None:
+    keras.utils.set_random_seed(3)
+    model = build_model(dataclasses.replace(WHITENED, logit_scale=1 / 9))
+    images = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    unscaled = keras.Model(model.input, model.get_layer("logits").output)(images).numpy()
+    np.testing.assert_allclose(model(images), unscaled / 9, rtol=1e-6)
+    # A layer of the classifier, without weights or FLOPs of its own.
+    assert parameters_by_part(model)["classifier"] == model.get_layer("logits").count_params()
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ({"activation": "tanh"}, "activation must be one of"),
+        ({"norm_momentum": 1.0}, "norm_momentum must be in"),
+        ({"norm_momentum": -0.1}, "norm_momentum must be in"),
+        ({"logit_scale": 0.0}, "logit_scale must be positive"),
+    ],
+)
+def test_an_unknown_activation_or_out_of_range_norm_momentum_or_logit_scale_is_refused(
+    field: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        validate_config(ModelConfig(**field))  # type: ignore[arg-type]
+
+
 def test_an_unknown_readout_is_refused() -> None:
     with pytest.raises(ValueError, match="readout"):
         validate_config(ModelConfig(readout="first"))  # type: ignore[arg-type]
@@ -203,11 +301,6 @@ def test_an_unknown_readout_is_refused() -> None:
 def test_a_tcn_block_without_a_convolution_or_a_tap_is_refused(field: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="kernel_size must be at least 2 and convs_per_block"):
         validate_config(ModelConfig(**field))  # type: ignore[arg-type]
-
-
-WHITENED = ModelConfig(
-    stem_filters=(8, 16), whiten_patch=2, token_pool=2, tcn_filters=16, dilations=(1, 2)
-)
 
 
 def test_whitening_and_token_pooling_shape_the_token_grid() -> None:

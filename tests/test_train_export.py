@@ -171,11 +171,20 @@ def test_signatures_have_the_serving_contract(trained: TrainResult) -> None:
     assert byte_inputs["image_bytes"].dtype == tf.string
 
 
-@pytest.mark.parametrize("pooling", ["max", "blur", "blur5"])
-def test_reloaded_export_matches_in_memory_model(tmp_path: Path, pooling: str) -> None:
+AIRBENCH_HEAD = {"activation": "gelu", "logit_scale": 1 / 9, "tcn": False, "readout": "max"}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"pooling": "max"}, {"pooling": "blur"}, {"pooling": "blur5"}, AIRBENCH_HEAD],
+    ids=["max", "blur", "blur5", "gelu-scaled-logits-no-tcn"],
+)
+def test_reloaded_export_matches_in_memory_model(
+    tmp_path: Path, changes: dict[str, object]
+) -> None:
     """serving_default from disk == the Keras model's softmax (with and without flip TTA)."""
     keras.utils.set_random_seed(7)
-    config = dataclasses.replace(TINY_MODEL, pooling=pooling)
+    config = dataclasses.replace(TINY_MODEL, **changes)  # type: ignore[arg-type]
     model = build_model(config)
     images = np.random.default_rng(0).random((16, 32, 32, 3), dtype=np.float32)
     logits = model(images, training=False)

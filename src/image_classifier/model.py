@@ -54,6 +54,9 @@ Pooling = Literal["max", "blur", "blur5"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 # The binomial filter's width of each anti-aliased pooling (layers.BlurPool2D).
 BLUR_TAPS = {"blur": 3, "blur5": 5}
+# The nonlinearity after every normalization (``ModelConfig.activation``).
+Activation = Literal["relu", "gelu"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,19 @@ class ModelConfig:
     # BatchNorm). Before a ReLU and a scale-free next layer, a learned scale mostly changes the
     # step size the weights see, which the learning rate and weight decay already set.
     norm_scale: bool = True
+    # Keras' convention: the weight of the old running average at each training step.
+    # Airbench's PyTorch momentum 0.6 (the weight of the new batch) is 0.4 here.
+    norm_momentum: float = 0.9
+    # "gelu" (exact, erf-based) is airbench's nonlinearity; "relu" the TCN paper's.
+    activation: Activation = "relu"
     dropout: float = 0.0
     # "fan_in_uniform" is U(+-1/sqrt(fan_in)) (PyTorch's default); it trained to higher accuracy
     # than Keras' glorot_uniform in the recipe search (see README, Model).
     kernel_init: Literal["fan_in_uniform", "glorot_uniform"] = "fan_in_uniform"
+    # True: every trained 3x3 convolution of the stem starts with its first min(in, out)
+    # filters as the identity (airbench's partial Dirac initialization), the rest as
+    # ``kernel_init`` makes them, so each stage starts close to passing its input through.
+    dirac_init: bool = False
     # False builds the ablation that measures what the TCN adds: the stem's tokens are
     # average-pooled straight into the classifier, everything else unchanged.
     tcn: bool = True
@@ -104,6 +116,10 @@ class ModelConfig:
     # (each step has seen the tokens up to it). Over the full recipe the mean tied the last
     # step and the max trained badly (README, Model).
     readout: Readout = "last"
+    # The logits are multiplied by this before the loss (airbench: 1/9). It changes how hard
+    # the classifier is pulled by every step, not what the network can express; the export's
+    # fitted temperature comes after it.
+    logit_scale: float = 1.0
     num_classes: int = NUM_CLASSES
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
@@ -167,6 +183,12 @@ def validate_config(config: ModelConfig) -> None:
         raise ConfigError(f"pooling {config.pooling!r} halves grids: it needs token_pool 1 or 2")
     if config.readout not in READOUTS:
         raise ConfigError(f"readout must be one of {READOUTS}, not {config.readout!r}")
+    if config.activation not in ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {ACTIVATIONS}, not {config.activation!r}")
+    if not 0.0 <= config.norm_momentum < 1.0:
+        raise ConfigError(f"norm_momentum must be in [0, 1), got {config.norm_momentum}")
+    if not config.logit_scale > 0:
+        raise ConfigError(f"logit_scale must be positive, got {config.logit_scale}")
     if config.kernel_size < 2 or config.convs_per_block < 1:
         raise ConfigError("kernel_size must be at least 2 and convs_per_block at least 1")
     if not config.dilations or any(d < 1 for d in config.dilations):
@@ -222,12 +244,34 @@ def build_model(config: ModelConfig | None = None) -> keras.Model:
             x = layers.GlobalMaxPooling1D(name="max_over_steps")(x)
         else:
             x = layers.Lambda(lambda t: t[:, -1, :], name="last_step")(x)
+    elif config.readout == "max":
+        # Without the TCN the tokens have no order to read the last of; "max" is airbench's
+        # global max-pooling, anything else the mean.
+        x = layers.GlobalMaxPooling1D(name="pool_tokens")(x)
     else:
         x = layers.GlobalAveragePooling1D(name="pool_tokens")(x)
     logits = layers.Dense(
         config.num_classes, kernel_initializer=_init(config), dtype="float32", name="logits"
     )(x)
-    return keras.Model(inputs, logits, name="tcn_classifier")
+    if config.logit_scale != 1:
+        logits = layers.Rescaling(config.logit_scale, dtype="float32", name="logits_scale")(logits)
+    model = keras.Model(inputs, logits, name="tcn_classifier")
+    if config.dirac_init:
+        _dirac_init(model)
+    return model
+
+
+def _dirac_init(model: keras.Model) -> None:
+    """Make the first min(in, out) filters of every stem 3x3 convolution an identity."""
+    for layer in model.layers:
+        if not (layer.name.startswith("stem") and layer.name.endswith("_conv")):
+            continue
+        kernel = layer.kernel.numpy()  # (3, 3, in, out)
+        height, width, channels_in, channels_out = kernel.shape
+        shared = min(channels_in, channels_out)
+        kernel[..., :shared] = 0.0
+        kernel[height // 2, width // 2, np.arange(shared), np.arange(shared)] = 1.0
+        layer.kernel.assign(kernel)
 
 
 def _init(config: ModelConfig) -> keras.initializers.Initializer | str:
@@ -250,7 +294,17 @@ def _batch_norm(config: ModelConfig, name: str) -> keras.layers.Layer:
     # Keras' arithmetic on TensorFlow's fused kernel: 1.4x faster training steps on the CPU.
     from image_classifier.layers import FusedBatchNormalization
 
-    return FusedBatchNormalization(momentum=0.9, epsilon=1e-5, scale=config.norm_scale, name=name)
+    return FusedBatchNormalization(
+        momentum=config.norm_momentum, epsilon=1e-5, scale=config.norm_scale, name=name
+    )
+
+
+def _activation(config: ModelConfig, name: str) -> keras.layers.Layer:
+    from keras import layers
+
+    if config.activation == "gelu":
+        return layers.Activation("gelu", name=name)
+    return layers.ReLU(name=name)
 
 
 def _pool(config: ModelConfig, size: int, name: str) -> keras.layers.Layer:
@@ -287,7 +341,7 @@ def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
             name="stem_in",
         )(x)
         x = _batch_norm(config, "stem_in_bn")(x)
-    x = layers.ReLU(name="stem_in_relu")(x)
+    x = _activation(config, f"stem_in_{config.activation}")(x)
     for stage, filters in enumerate(config.stem_filters):
         for conv in range(config.stem_convs_per_stage):
             prefix = f"stem{stage}_{conv}"
@@ -303,7 +357,7 @@ def _stem(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
                 # Pool right after the first conv: the rest of the stage runs at 1/4 the cost.
                 x = _pool(config, 2, f"{prefix}_pool")(x)
             x = _batch_norm(config, f"{prefix}_bn")(x)
-            x = layers.ReLU(name=f"{prefix}_relu")(x)
+            x = _activation(config, f"{prefix}_{config.activation}")(x)
     return x
 
 
@@ -379,7 +433,7 @@ def tcn_stack(x: keras.KerasTensor, config: ModelConfig) -> keras.KerasTensor:
                 name=f"{prefix}_conv{conv}",
             )(x)
             x = _norm(config, f"{prefix}_norm{conv}")(x)
-            x = layers.ReLU(name=f"{prefix}_relu{conv}")(x)
+            x = _activation(config, f"{prefix}_{config.activation}{conv}")(x)
             if config.dropout > 0:
                 x = layers.SpatialDropout1D(config.dropout, name=f"{prefix}_drop{conv}")(x)
         if residual.shape[-1] != config.tcn_filters:
@@ -397,7 +451,7 @@ def model_part(layer_name: str) -> str:
     """Which of :data:`MODEL_PARTS` a layer of :func:`build_model` belongs to."""
     if layer_name.startswith("tcn"):
         return "tcn"
-    if layer_name == "logits":
+    if layer_name.startswith("logits"):
         return "classifier"
     return "stem"
 

@@ -12,7 +12,7 @@ from image_classifier.constants import DEFAULT_MODEL_BASE_PATH
 
 
 def register(subparsers: SubParsers) -> None:
-    from image_classifier.model import POOLINGS, READOUTS, ModelConfig
+    from image_classifier.model import ACTIVATIONS, POOLINGS, READOUTS, ModelConfig
     from image_classifier.train import DISTRIBUTE_MODES, LOOKAHEAD_EVERY, TrainConfig
 
     m, t = ModelConfig(), TrainConfig()
@@ -177,6 +177,29 @@ def register(subparsers: SubParsers) -> None:
         "(airbench's BatchNorm; default: a learned scale)",
     )
     a.add_argument(
+        "--dirac-init",
+        action=argparse.BooleanOptionalAction,
+        help="start the stem's 3x3 convolutions with their first filters as the identity "
+        f"(airbench's partial Dirac initialization; default {'on' if m.dirac_init else 'off'})",
+    )
+    a.add_argument(
+        "--norm-momentum",
+        type=float,
+        help="weight of the old running average in BatchNorm's statistics (Keras' convention; "
+        f"airbench's PyTorch 0.6 is 0.4 here; default {m.norm_momentum})",
+    )
+    a.add_argument(
+        "--activation",
+        choices=ACTIVATIONS,
+        help=f"the nonlinearity after every normalization (airbench: gelu; default {m.activation})",
+    )
+    a.add_argument(
+        "--logit-scale",
+        type=float,
+        help="multiply the logits by this before the loss "
+        f"(airbench: 1/9; default {m.logit_scale})",
+    )
+    a.add_argument(
         "--readout",
         choices=READOUTS,
         help=f"what the classifier reads from the TCN's output steps (default {m.readout})",
@@ -184,8 +207,8 @@ def register(subparsers: SubParsers) -> None:
     a.add_argument(
         "--tcn",
         action=argparse.BooleanOptionalAction,
-        help="--no-tcn trains the ablation: the stem's tokens average-pooled into the "
-        "classifier, no TCN (default: the TCN)",
+        help="--no-tcn trains the ablation: the stem's tokens average-pooled (max-pooled with "
+        "--readout max) into the classifier, no TCN (default: the TCN)",
     )
     p.set_defaults(func=run)
 
@@ -228,6 +251,10 @@ _MODEL_FLAGS = (
     "dropout",
     "norm",
     "norm_scale",
+    "norm_momentum",
+    "dirac_init",
+    "activation",
+    "logit_scale",
     "tcn",
     "readout",
 )
