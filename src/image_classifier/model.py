@@ -14,8 +14,8 @@ How the image becomes a sequence
 
 The TCN (Bai, Kolter & Koltun 2018)
     Residual blocks, each two dilated *causal* 1-D convolutions (output ``t`` sees only inputs
-    ``<= t``) with normalization, ReLU and dropout, plus a skip connection (1x1 convolution when
-    the width changes). Dilations double per block, so the receptive field is
+    ``<= t``) with normalization, ReLU (or GELU) and dropout, plus a skip connection (1x1
+    convolution when the width changes). Dilations double per block, so the receptive field is
     ``1 + convs_per_block * (kernel_size - 1) * sum(dilations)`` steps; the classifier reads the
     **last** step, which therefore sees the whole sequence only if the receptive field covers it:
     :func:`build_model` refuses a configuration where it does not. On a raster-ordered grid of
