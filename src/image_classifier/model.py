@@ -109,7 +109,8 @@ class ModelConfig:
     # ``kernel_init`` makes them, so each stage starts close to passing its input through.
     dirac_init: bool = False
     # False builds the ablation that measures what the TCN adds: the stem's tokens are
-    # average-pooled straight into the classifier, everything else unchanged.
+    # average-pooled (max-pooled with ``readout="max"``, airbench's head) straight into the
+    # classifier, everything else unchanged.
     tcn: bool = True
     # What the classifier reads from the TCN's output sequence: the last step (the TCN paper's
     # sequence classifier; it alone has seen every token) or the mean / max over all steps
