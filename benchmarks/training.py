@@ -15,10 +15,11 @@ median of each arm:
   architecture) in place of the anti-aliased pooling (``layers.BlurPool2D``) it ships with;
 - ``blur5``: the recipe with the 5-tap blur pooling (``"pooling": "blur5"``);
 - ``three-stage``: the recipe with a third stem stage in place of the token pooling
-  (``--stem-filters 64,160,256 --token-pool 1 --tcn-filters 320``; README, "A third stem stage");
+  (``--stem-filters 64,160,256 --token-pool 1 --tcn-filters 320``; docs/model-research.md,
+  "A third stem stage");
 - ``gelu``: the recipe with GELU in place of every ReLU (``--activation gelu``);
-- ``airbench``: airbench94's network under its optimizer settings (``AIRBENCH_MODEL``; README,
-  "Airbench's recipe in this pipeline"), no TCN.
+- ``airbench``: airbench94's network under its optimizer settings (``AIRBENCH_MODEL``;
+  docs/model-research.md, "Airbench's recipe in this pipeline"), no TCN.
 
 Usage::
 

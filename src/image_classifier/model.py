@@ -73,7 +73,8 @@ class ModelConfig:
     # Added to every eigenvalue before whitening: directions with variance well below it come
     # out damped rather than scaled up to unit variance. The faintest directions of 2x2
     # patches (fine chroma detail) are the ones JPEG compression rewrites; damping them did
-    # not narrow the JPEG gap in the recipe search (README, Model), so airbench's value stays.
+    # not narrow the JPEG gap in the recipe search (docs/model-research.md), so airbench's
+    # value stays.
     whiten_epsilon: float = 5e-4
     # True: the first layer brings every image's chroma to a default JPEG's half resolution
     # (layers.ChromaSubsample), so lossless pictures and JPEG uploads differ less to the model.
@@ -102,7 +103,7 @@ class ModelConfig:
     activation: Activation = "relu"
     dropout: float = 0.0
     # "fan_in_uniform" is U(+-1/sqrt(fan_in)) (PyTorch's default); it trained to higher accuracy
-    # than Keras' glorot_uniform in the recipe search (see README, Model).
+    # than Keras' glorot_uniform in the recipe search (docs/model-research.md).
     kernel_init: Literal["fan_in_uniform", "glorot_uniform"] = "fan_in_uniform"
     # True: every trained 3x3 convolution of the stem starts with its first min(in, out)
     # filters as the identity (airbench's partial Dirac initialization), the rest as
